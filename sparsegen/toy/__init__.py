@@ -1,0 +1,1 @@
+"""A small video model trained on procedural data, shipped with the project."""
