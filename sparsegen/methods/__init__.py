@@ -8,7 +8,7 @@ import importlib
 from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod
 
 __all__ = ["AttentionCall", "AttentionGeometry", "MethodConfig", "SparseAttentionMethod",
-           "METHOD_MODULES", "available_methods", "get_method", "config_from_dict"]
+           "METHOD_MODULES", "available_methods", "get_method", "config_from_dict", "register_method"]
 
 # method name -> module defining CONFIG and METHOD
 METHOD_MODULES = {
@@ -27,8 +27,25 @@ def get_method(name: str):
     """(config class, method class) of a method name."""
     if name not in METHOD_MODULES:
         raise ValueError(f"unknown method {name!r}; available: {available_methods()}")
-    mod = importlib.import_module(METHOD_MODULES[name])
+    entry = METHOD_MODULES[name]
+    if isinstance(entry, tuple):
+        return entry
+    mod = importlib.import_module(entry)
     return mod.CONFIG, mod.METHOD
+
+
+def register_method(config_cls: type, method_cls: type) -> None:
+    """Make a user-defined method available to ``sparsegen.apply`` by its name.
+
+    Args:
+        config_cls: a MethodConfig subclass whose ``method`` class attribute is the name.
+        method_cls: the SparseAttentionMethod subclass serving it.
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig) and config_cls.method):
+        raise TypeError("config_cls must be a MethodConfig subclass with a non-empty `method` name")
+    if not (isinstance(method_cls, type) and issubclass(method_cls, SparseAttentionMethod)):
+        raise TypeError("method_cls must be a SparseAttentionMethod subclass")
+    METHOD_MODULES[config_cls.method] = (config_cls, method_cls)
 
 
 def config_from_dict(d: dict) -> MethodConfig:

@@ -1,0 +1,75 @@
+"""What an adapter declares about a diffusers model (and nothing about any method).
+
+An adapter names:
+  * the transformer classes it serves and the pipeline attributes holding them;
+  * which modules are the video self-attention layers, in execution order;
+  * how to read the latent token grid from the transformer's inputs (patch sizes);
+  * whether text tokens share the self-attention sequence (joint attention), and where.
+
+The interception itself (one mechanism for every adapter) lives in ``sparsegen.apply``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["ModelAdapter", "TextLayout"]
+
+
+class TextLayout:
+    """Where text tokens sit in a self-attention sequence."""
+
+    NONE = "none"      # video tokens only (text enters through cross-attention)
+    SUFFIX = "suffix"  # [video tokens, text tokens]; padded text keys masked by the model's attn_mask
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Declarative description of one model family.
+
+    Args:
+        name: short identifier (``sparsegen.supported_models()`` lists it).
+        transformer_classes: class names of the denoiser this adapter serves.
+        pipeline_classes: pipelines known to carry it (for messages and docs).
+        transformer_attributes: pipeline attributes that may hold such a transformer
+            (Wan 2.2 has two: ``transformer`` and ``transformer_2``).
+        self_attention_pattern: regex matched (fullmatch) against ``named_modules()``
+            names; matches, in module order, are the patched layers 0..L-1.
+        patch_size: maps the transformer's config to (pt, ph, pw).
+        text_layout: :class:`TextLayout` value.
+        hidden_states_arg, timestep_arg: names of the transformer ``forward`` arguments
+            holding the latent video (B, C, F, H, W) and the timestep.
+    """
+
+    name: str
+    transformer_classes: tuple[str, ...]
+    pipeline_classes: tuple[str, ...]
+    self_attention_pattern: str
+    patch_size: Callable[[object], tuple[int, int, int]]
+    text_layout: str = TextLayout.NONE
+    transformer_attributes: tuple[str, ...] = ("transformer",)
+    hidden_states_arg: str = "hidden_states"
+    timestep_arg: str = "timestep"
+
+    def serves(self, transformer: torch.nn.Module) -> bool:
+        names = {c.__name__ for c in type(transformer).__mro__}
+        return any(n in names for n in self.transformer_classes)
+
+    def attention_modules(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        pat = re.compile(self.self_attention_pattern)
+        return [(n, m) for n, m in transformer.named_modules() if pat.fullmatch(n)]
+
+    def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
+        """(frames, height, width) of the token grid after patchify, from (B, C, F, H, W) latents."""
+        if hidden_states.dim() != 5:
+            raise ValueError(
+                f"{self.name}: expected latents (batch, channels, frames, height, width), got "
+                f"{tuple(hidden_states.shape)=}"
+            )
+        pt, ph, pw = self.patch_size(transformer.config)
+        _, _, f, h, w = hidden_states.shape
+        return (f // pt, h // ph, w // pw)

@@ -1,0 +1,459 @@
+"""``sparsegen.apply``: patch a diffusers pipeline (or bare transformer) with a method.
+
+One interception mechanism serves every adapter:
+
+* diffusers' attention processors call ``dispatch_attention_fn``, a name in their own
+  module. While at least one handle is active, that name points to a trampoline that
+  forwards every call unchanged to the original unless the current call comes from a
+  layer a handle patched.
+* a forward pre-hook and an always-called forward hook on each patched attention
+  module mark "this layer of this handle is running" in a context variable (so two
+  pipelines in one process, threads and re-entrancy are kept apart);
+* a forward pre-hook on each transformer reads the token grid and the timestep from
+  its inputs on every call: masks are never stale, and the denoising step is the
+  number of distinct timesteps seen since the pipeline last set its scheduler's
+  timesteps (classifier-free-guidance passes share a timestep, hence a step).
+
+All state lives on the :class:`SparseHandle`; ``remove()`` restores every object.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+from .joint import sparse_self_attention
+from .methods import MethodConfig, get_method
+from .methods.base import AttentionCall, AttentionGeometry
+from .patches import ModelAdapter, TextLayout, adapter_for
+
+__all__ = ["apply", "SparseHandle", "make_config"]
+
+logger = logging.getLogger("sparsegen")
+
+_DISPATCH_NAME = "dispatch_attention_fn"
+
+
+@dataclass(frozen=True)
+class _Route:
+    handle: "SparseHandle"
+    layer: int
+    module_name: str
+
+
+# The layer currently running (set by module hooks); a context variable keeps threads apart.
+_ACTIVE: contextvars.ContextVar[Optional[_Route]] = contextvars.ContextVar("sparsegen_active_layer", default=None)
+
+
+class _DispatchTrampolines:
+    """Reference-counted replacement of ``dispatch_attention_fn`` in processor modules.
+
+    This registry holds only the bookkeeping of the shared trampoline (which module
+    namespaces are redirected and how many handles use each), never per-pipeline state.
+    """
+
+    _lock = threading.Lock()
+    _installed: dict[int, tuple[dict, Any, int]] = {}
+
+    @classmethod
+    def acquire(cls, namespace: dict) -> None:
+        with cls._lock:
+            key = id(namespace)
+            if key in cls._installed:
+                ns, original, n = cls._installed[key]
+                cls._installed[key] = (ns, original, n + 1)
+                return
+            original = namespace[_DISPATCH_NAME]
+            namespace[_DISPATCH_NAME] = _make_trampoline(original)
+            cls._installed[key] = (namespace, original, 1)
+
+    @classmethod
+    def release(cls, namespace: dict) -> None:
+        with cls._lock:
+            key = id(namespace)
+            ns, original, n = cls._installed[key]
+            if n > 1:
+                cls._installed[key] = (ns, original, n - 1)
+            else:
+                ns[_DISPATCH_NAME] = original
+                del cls._installed[key]
+
+
+def _make_trampoline(original):
+    sig = inspect.signature(original)
+
+    @functools.wraps(original)
+    def sparsegen_dispatch_attention(*args, **kwargs):
+        route = _ACTIVE.get()
+        if route is None or route.handle._removed:
+            return original(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
+        return route.handle._attend(route, original, bound)
+
+    sparsegen_dispatch_attention.__sparsegen_original__ = original
+    return sparsegen_dispatch_attention
+
+
+def _processor_namespace(module: torch.nn.Module, name: str) -> dict:
+    proc = getattr(module, "processor", None)
+    call = getattr(type(proc), "__call__", None)
+    ns = getattr(call, "__globals__", None)
+    if ns is None or _DISPATCH_NAME not in ns:
+        raise ValueError(
+            f"the attention processor {type(proc).__name__} of module '{name}' does not route through "
+            f"diffusers' {_DISPATCH_NAME}, so sparsegen cannot intercept it. Restore the model's default "
+            "processors (e.g. `transformer.set_attn_processor(...)` with its stock processor class) and apply again."
+        )
+    return ns
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    if type(module).__name__ == "OptimizedModule" or hasattr(module, "_orig_mod"):
+        return True
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def make_config(method: Union[str, MethodConfig], **options) -> MethodConfig:
+    """A method config from a name and options, or the config itself (no options then)."""
+    if isinstance(method, MethodConfig):
+        if options:
+            raise TypeError(
+                f"pass options either in the config or as keyword arguments, not both (got {sorted(options)})"
+            )
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
+    cfg_cls, _ = get_method(method)
+    return cfg_cls.from_dict({"method": method, **options})
+
+
+class SparseHandle:
+    """A patched pipeline or transformer. Use ``remove()`` or a ``with`` block to restore it.
+
+    Attributes:
+        config: the method config.
+        method: the method object (holds mask caches for this pipeline only).
+        adapter: the model adapter in use.
+        step, num_steps: the current denoising step (0-based) and the generation's total,
+            when known.
+        step_stats: per step, {"step", "density", "sparse_calls", "dense_calls"}.
+    """
+
+    def __init__(self, target, config: MethodConfig):
+        self.config = config
+        _, method_cls = get_method(config.method)
+        self.method = method_cls(config)
+        self._removed = False
+        self._hooks: list = []
+        self._namespaces: list[dict] = []
+        self._scheduler_patch: Optional[tuple[Any, Any]] = None
+        self._transformers: list[torch.nn.Module] = []
+        self._pipeline = None
+        # Denoising-step state.
+        self.step: Optional[int] = None
+        self.num_steps: Optional[int] = None
+        self._last_timestep: Optional[float] = None
+        self._geometry: dict[int, AttentionGeometry] = {}
+        self.step_stats: list[dict] = []
+        self._install(target)
+
+    # ------------------------------------------------------------------ install
+    def _find_transformers(self, target) -> list[tuple[torch.nn.Module, ModelAdapter]]:
+        if isinstance(target, torch.nn.Module):
+            if _is_compiled(target):
+                raise ValueError(
+                    "this transformer is already compiled with torch.compile; call sparsegen.apply before "
+                    "torch.compile (compile the patched model afterwards)"
+                )
+            return [(target, adapter_for(target))]
+        found, adapter, candidates = [], None, []
+        for attr in ("transformer", "transformer_2"):
+            t = getattr(target, attr, None)
+            if t is None:
+                continue
+            candidates.append(attr)
+            if _is_compiled(t):
+                raise ValueError(
+                    f"pipe.{attr} is already compiled with torch.compile; call sparsegen.apply before "
+                    "torch.compile (compile the patched model afterwards)"
+                )
+            a = adapter_for(t)
+            if attr not in a.transformer_attributes:
+                continue
+            found.append((t, a))
+            adapter = a
+        if not found:
+            if candidates:
+                raise ValueError(f"{type(target).__name__}: no patchable transformer among {candidates}")
+            from .patches import supported_models
+
+            names = ", ".join(f"{m['name']} ({', '.join(m['pipelines'])})" for m in supported_models())
+            raise ValueError(
+                f"{type(target).__name__} has no `transformer` attribute; pass a diffusers pipeline or its "
+                f"transformer. Supported models: {names}"
+            )
+        del adapter
+        self._pipeline = target
+        return found
+
+    def _install(self, target) -> None:
+        pairs = self._find_transformers(target)
+        for t, _ in pairs:
+            if getattr(t, "_sparsegen_handle", None) is not None:
+                raise ValueError(
+                    f"{type(t).__name__} is already patched by sparsegen (config {t._sparsegen_handle.config!r}); "
+                    "call handle.remove() first, then apply again"
+                )
+        try:
+            for tidx, (t, adapter) in enumerate(pairs):
+                self._install_transformer(tidx, t, adapter)
+            self._patch_scheduler()
+        except Exception:
+            self.remove()
+            raise
+
+    def _install_transformer(self, tidx: int, transformer, adapter: ModelAdapter) -> None:
+        modules = adapter.attention_modules(transformer)
+        if not modules:
+            raise ValueError(
+                f"adapter '{adapter.name}' found no self-attention modules matching "
+                f"{adapter.self_attention_pattern!r} in {type(transformer).__name__}"
+            )
+        self.adapter = adapter
+        self._transformers.append(transformer)
+        transformer._sparsegen_handle = self
+        num_layers = len(modules)
+        for layer, (name, module) in enumerate(modules):
+            ns = _processor_namespace(module, name)
+            if not any(ns is n for n in self._namespaces):
+                _DispatchTrampolines.acquire(ns)
+                self._namespaces.append(ns)
+            route = _Route(self, layer, name)
+            tokens: list = []
+
+            def pre(mod, args, route=route, tokens=tokens):
+                tokens.append(_ACTIVE.set(route))
+
+            def post(mod, args, output, tokens=tokens):
+                if tokens:
+                    _ACTIVE.reset(tokens.pop())
+
+            self._hooks.append(module.register_forward_pre_hook(pre))
+            self._hooks.append(module.register_forward_hook(post, always_call=True))
+        self._num_layers = num_layers
+        # The class's signature: instance-level wrappers (e.g. offload hooks) hide it.
+        sig = inspect.signature(type(transformer).forward)
+
+        def read_inputs(mod, args, kwargs, adapter=adapter, sig=sig, tidx=tidx):
+            bound = sig.bind_partial(mod, *args, **kwargs)
+            hs = bound.arguments.get(adapter.hidden_states_arg)
+            ts = bound.arguments.get(adapter.timestep_arg)
+            if hs is None:
+                raise ValueError(f"sparsegen: {type(mod).__name__}.forward got no '{adapter.hidden_states_arg}'")
+            f, h, w = adapter.token_grid(mod, hs)
+            self._geometry[tidx] = AttentionGeometry(f, h, w)
+            self._current_transformer = tidx
+            self.method.check_geometry(self._geometry[tidx])
+            self._advance_step(ts)
+
+        self._hooks.append(transformer.register_forward_pre_hook(read_inputs, with_kwargs=True))
+
+    def _patch_scheduler(self) -> None:
+        sched = getattr(self._pipeline, "scheduler", None) if self._pipeline is not None else None
+        if sched is None or not hasattr(sched, "set_timesteps"):
+            return
+        original = sched.set_timesteps
+        had_instance_attr = "set_timesteps" in vars(sched)
+
+        @functools.wraps(original)
+        def set_timesteps(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self.reset_schedule()
+            return result
+
+        sched.set_timesteps = set_timesteps
+        self._scheduler_patch = (sched, original if had_instance_attr else None)
+
+    # ----------------------------------------------------------------- schedule
+    def reset_schedule(self, num_steps: Optional[int] = None) -> None:
+        """Start a new generation: the next distinct timestep is step 0.
+
+        Pipelines do this automatically (through their scheduler); call it yourself when
+        driving a bare transformer, optionally with the number of steps (for
+        ``dense_last_steps``).
+        """
+        self.step = None
+        self._last_timestep = None
+        self.num_steps = num_steps
+        self.step_stats = []
+
+    def _advance_step(self, timestep) -> None:
+        if timestep is None:
+            return
+        t = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if self._last_timestep is None or t > self._last_timestep:
+            # First call of a generation (timesteps decrease while denoising).
+            if self._last_timestep is not None:
+                self.reset_schedule()
+            self.step = 0
+            if self.num_steps is None and self._pipeline is not None:
+                ts = getattr(getattr(self._pipeline, "scheduler", None), "timesteps", None)
+                self.num_steps = len(ts) if ts is not None else None
+        elif t != self._last_timestep:
+            self.step += 1
+        self._last_timestep = t
+        if not self.step_stats or self.step_stats[-1]["step"] != self.step:
+            self.step_stats.append({"step": self.step, "density_sum": 0.0, "sparse_calls": 0, "dense_calls": 0,
+                                    "start": time.perf_counter()})
+
+    def _record(self, density: float, sparse: bool) -> None:
+        if not self.step_stats:
+            self.step_stats.append({"step": self.step, "density_sum": 0.0, "sparse_calls": 0, "dense_calls": 0,
+                                    "start": time.perf_counter()})
+        s = self.step_stats[-1]
+        s["density_sum"] += density
+        s["sparse_calls" if sparse else "dense_calls"] += 1
+
+    def step_densities(self) -> list[tuple[int, float]]:
+        """(step, mean attention density over the patched layer calls of that step)."""
+        out = []
+        for s in self.step_stats:
+            n = s["sparse_calls"] + s["dense_calls"]
+            if n:
+                out.append((s["step"], s["density_sum"] / n))
+        return out
+
+    # ---------------------------------------------------------------- attention
+    def _attend(self, route: _Route, original, bound: inspect.BoundArguments):
+        a = bound.arguments
+        q, k, v = a["query"], a["key"], a["value"]
+        cfg = self.config
+        tidx = getattr(self, "_current_transformer", 0)
+        dense = cfg.layer_is_dense(route.layer) or cfg.step_is_dense(self.step, self.num_steps)
+        if dense:
+            self._record(1.0, sparse=False)
+            return original(*bound.args, **bound.kwargs)
+        if a.get("dropout_p", 0.0) not in (0, 0.0) or a.get("is_causal", False):
+            raise ValueError(f"sparsegen: layer '{route.module_name}' asked for dropout or causal attention, "
+                             "which sparse self-attention does not serve; keep it dense with dense_layers")
+        if a.get("scale") is not None and abs(a["scale"] - q.shape[-1] ** -0.5) > 1e-12:
+            raise ValueError(f"sparsegen: layer '{route.module_name}' uses a non-default softmax scale {a['scale']}")
+        if a.get("parallel_config") is not None:
+            raise ValueError(
+                "sparsegen: context-parallel attention (parallel_config) is not supported yet; "
+                "disable context parallelism or remove sparsegen"
+            )
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"sparsegen: layer '{route.module_name}' is not self-attention ({q.shape[1]} queries, "
+                f"{k.shape[1]} keys); the adapter's module pattern is wrong for this model"
+            )
+        geometry = self._geometry.get(tidx)
+        if geometry is None:
+            raise RuntimeError("sparsegen: attention ran before the transformer's forward hook read the token grid")
+        text_tokens, text_valid = 0, None
+        nv = geometry.num_tokens
+        if self.adapter.text_layout == TextLayout.SUFFIX:
+            text_tokens = q.shape[1] - nv
+            if text_tokens < 0:
+                raise ValueError(f"sparsegen: {q.shape[1]} tokens is fewer than the video grid's {nv}")
+            mask = a.get("attn_mask")
+            if mask is not None:
+                text_valid = _key_validity(mask, q.shape[0], q.shape[1])[:, nv:]
+        elif q.shape[1] != nv:
+            raise ValueError(
+                f"sparsegen: layer '{route.module_name}' attends over {q.shape[1]} tokens but the latent grid "
+                f"{geometry.grid} has {nv}; this model variant is not supported by the '{self.adapter.name}' adapter"
+            )
+        elif a.get("attn_mask") is not None:
+            raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask to video self-attention,"
+                             " which the adapter does not expect")
+        call = AttentionCall(
+            geometry=geometry, layer=route.layer, num_layers=self._num_layers, step=self.step,
+            num_steps=self.num_steps, head_offset=0, total_heads=q.shape[2], backend=cfg.backend,
+        )
+        out = sparse_self_attention(self.method, q, k, v, call, text_tokens=text_tokens, text_key_valid=text_valid)
+        self._record(float(call.stats.get("density", 1.0)), sparse=True)
+        return out
+
+    # ------------------------------------------------------------------- remove
+    def remove(self) -> None:
+        """Restore every patched object. Safe to call twice."""
+        if self._removed:
+            return
+        self._removed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for ns in self._namespaces:
+            _DispatchTrampolines.release(ns)
+        self._namespaces.clear()
+        if self._scheduler_patch is not None:
+            sched, original = self._scheduler_patch
+            if original is None:
+                del sched.set_timesteps
+            else:
+                sched.set_timesteps = original
+            self._scheduler_patch = None
+        for t in self._transformers:
+            if getattr(t, "_sparsegen_handle", None) is self:
+                del t._sparsegen_handle
+        self._transformers.clear()
+        self.method.clear_cache()
+
+    def __enter__(self) -> "SparseHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"SparseHandle({self.config!r}, adapter={getattr(self, 'adapter', None) and self.adapter.name}, {state})"
+
+
+def _key_validity(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """bool (B, S) key validity from a key-padding attention mask ((B, 1, 1, S) or (B, S))."""
+    m = mask
+    if m.dtype != torch.bool:
+        m = m > -1e4 if m.is_floating_point() else m.bool()
+    while m.dim() > 2:
+        if m.shape[1] != 1 and m.dim() == 4 and m.shape[2] != 1:
+            raise ValueError("sparsegen: only key-padding attention masks ((B, 1, 1, S) or (B, S)) are supported")
+        m = m[:, 0]
+    return m.expand(batch, seq)
+
+
+def apply(pipe_or_transformer, method: Union[str, MethodConfig], **options) -> SparseHandle:
+    """Patch a diffusers pipeline (or a bare transformer) with a sparse-attention method.
+
+    Args:
+        pipe_or_transformer: e.g. a ``WanPipeline`` (both transformers of Wan 2.2 are
+            patched) or a ``WanTransformer3DModel``.
+        method: a method name (``sparsegen.available_methods()``) or a config object
+            (``sparsegen.RadialConfig(...)``).
+        **options: the method's config fields when ``method`` is a name.
+
+    Returns:
+        A :class:`SparseHandle`; ``handle.remove()`` (or leaving a ``with`` block)
+        restores the pipeline exactly.
+
+    Raises:
+        ValueError: unsupported model, invalid options, already patched, already compiled.
+
+    Example::
+
+        handle = sparsegen.apply(pipe, "radial", decay_factor=0.2, dense_steps=12, dense_layers=1)
+        video = pipe(prompt, num_frames=81).frames[0]
+        handle.remove()
+    """
+    config = make_config(method, **options)
+    return SparseHandle(pipe_or_transformer, config)

@@ -1,0 +1,70 @@
+"""Tiny diffusers pipelines with random weights, built offline from configs.
+
+Text encoders are left out: tests pass ``prompt_embeds`` (and negative ones for CFG).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TEXT_DIM = 32
+
+
+def tiny_wan_transformer(seed: int = 0, *, layers: int = 3, in_channels: int = 4) -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
+        out_channels=in_channels, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    ).eval()
+
+
+def tiny_wan_vae(seed: int = 0, z_dim: int = 4):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True],
+                            latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim).eval()
+
+
+def tiny_wan_pipeline(seed: int = 0, *, two_transformers: bool = False):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    kwargs = {}
+    if two_transformers:
+        kwargs = {"transformer_2": tiny_wan_transformer(seed + 1), "boundary_ratio": 0.5}
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=tiny_wan_transformer(seed),
+                       vae=tiny_wan_vae(seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def text_embeds(batch: int = 1, tokens: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, TEXT_DIM, generator=g)
+
+
+def run_wan(pipe, *, frames: int = 17, height: int = 64, width: int = 64, steps: int = 3, guidance: float = 1.0,
+            batch: int = 1, seed: int = 0):
+    """Latents (B, C, F, H, W) of a short generation (VAE decode skipped)."""
+    kwargs = dict(prompt_embeds=text_embeds(batch, seed=1))
+    if guidance > 1.0:
+        kwargs["negative_prompt_embeds"] = text_embeds(batch, seed=2)
+    out = pipe(num_frames=frames, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
+    return out.frames
+
+
+def tiny_hunyuan_transformer(seed: int = 0, *, text_dim: int = TEXT_DIM) -> torch.nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=text_dim, pooled_projection_dim=16,
+        rope_axes_dim=(4, 6, 6),
+    ).eval()
