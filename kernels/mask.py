@@ -510,29 +510,34 @@ class BlockSparseMask:
             order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
             return counts.contiguous(), order.contiguous()
 
-        fn, fi = lists(full)
-        pn, pi = lists(part)
         q_len, kv_len = self.q_len, self.kv_len
-        if self.tiles is None:
-            if q_len % qbs == 0 and kv_len % kbs == 0:
-                mask_mod = None
-            else:
-                def mask_mod(bi, hi, qi, ki):
-                    return (qi < q_len) & (ki < kv_len)
-                # With ragged ends every block goes through mask_mod.
-                pn, pi = lists(full)
-                fn, fi = None, None
+        ragged = q_len % qbs != 0 or kv_len % kbs != 0
+        if self.tiles is None and not ragged:
+            # Pure block sparsity: full blocks only, no mask_mod needed.
+            fn, fi = lists(full)
+            pn, pi = lists(torch.zeros_like(full))
+            mask_mod = None
         else:
-            lookup = self._tile_lookup(b, h).clamp(min=0)
-            tiles = self.tiles
+            # The mask_mod alone defines the token mask everywhere (skipped blocks read an
+            # all-zeros tile, full blocks an all-ones tile), whatever blocks flex evaluates.
+            fn, fi = lists(full) if not ragged else (None, None)
+            pn, pi = lists(part) if not ragged else lists(full | part)
+            ones = torch.ones(1, qbs, kbs, dtype=torch.bool, device=self.device)
+            parts = [ones, torch.zeros_like(ones)]
+            if self.tiles is not None:
+                parts.insert(0, self.tiles.expand(-1, qbs, kbs))
+            tiles = torch.cat(parts, 0)
+            n_t = tiles.shape[0]
+            if self.tiles is not None:
+                tl = self._tile_lookup(b, h)
+                lookup = torch.where(st == 0, n_t - 1, torch.where(tl < 0, n_t - 2, tl))
+            else:
+                lookup = torch.where(st == 0, n_t - 1, n_t - 2)
             bmax, hmax = b - 1, h - 1
 
             def mask_mod(bi, hi, qi, ki):
                 tid = lookup[torch.clamp(bi, max=bmax), torch.clamp(hi, max=hmax), qi // qbs, ki // kbs]
                 return tiles[tid, qi % qbs, ki % kbs] & (qi < q_len) & (ki < kv_len)
-            if q_len % qbs != 0 or kv_len % kbs != 0:
-                pn, pi = lists(full | part)
-                fn, fi = None, None
         kwargs = dict(BLOCK_SIZE=(qbs, kbs), seq_lengths=(q_len, kv_len))
         if mask_mod is not None:
             kwargs["mask_mod"] = mask_mod

@@ -1,0 +1,180 @@
+"""BlockSparseMask: construction, inspection, composition, FlexAttention round trip, rendering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsegen.kernels import BlockSparseMask
+
+
+def _random_token_mask(b, h, sq, sk, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(b, h, sq, sk, generator=g) < p
+    m[..., torch.arange(min(sq, sk)), torch.arange(min(sq, sk))] = True  # no empty row
+    return m
+
+
+@pytest.mark.parametrize("sq,sk,qbs,kbs", [(97, 97, 32, 32), (1000, 1025, 64, 128), (130, 70, 128, 16)])
+def test_from_dense_is_exact_and_layout_is_sorted(sq, sk, qbs, kbs):
+    tok = _random_token_mask(2, 3, sq, sk, 0.02, seed=sq)
+    m = BlockSparseMask.from_dense(tok, q_block_size=qbs, kv_block_size=kbs)
+    assert torch.equal(m.to_dense(), tok)
+    assert m.shape == (2, 3, -(-sq // qbs), -(-sk // kbs))
+    for row_n, row in zip(m.kv_num_blocks.flatten().tolist(), m.kv_indices.flatten(0, 2)):
+        idx = row[:row_n]
+        assert torch.all(idx[1:] > idx[:-1])
+
+
+def test_from_block_matrix_density_and_full_blocks():
+    blocks = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    m = BlockSparseMask.from_block_matrix(blocks, q_len=100, kv_len=70, q_block_size=32, kv_block_size=32)
+    assert m.density() == pytest.approx(7 / 12)
+    assert m.num_partial_blocks() == 0
+    assert torch.equal(m.to_block_matrix()[0, 0], blocks)
+    dense = m.to_dense()[0, 0]
+    assert dense.shape == (100, 70)
+    assert dense[96:, 64:].all() and not dense[96:, 32:64].any()
+    assert "density=0.5833" in repr(m)
+
+
+def test_empty_query_block_is_rejected_with_fix():
+    blocks = torch.zeros(3, 3, dtype=torch.bool)
+    blocks[0, 0] = blocks[2, 2] = True
+    with pytest.raises(ValueError, match=r"every query block must visit at least one key block; 1 do not .*\[0, 0, 1\]"):
+        BlockSparseMask.from_block_matrix(blocks, q_len=96, kv_len=96, q_block_size=32, kv_block_size=32)
+
+
+def test_wrong_grid_and_types_are_rejected():
+    with pytest.raises(ValueError, match=r"blocks has grid \(2, 2\) but q_len=100"):
+        BlockSparseMask.from_block_matrix(torch.ones(2, 2, dtype=torch.bool), q_len=100, kv_len=64,
+                                          q_block_size=32, kv_block_size=32)
+    with pytest.raises(TypeError, match="blocks must be a bool tensor"):
+        BlockSparseMask.from_block_matrix(torch.ones(2, 2), q_len=64, kv_len=64, q_block_size=32, kv_block_size=32)
+
+
+def test_mask_mod_matches_predicate_and_dedups_tiles():
+    def causal(b, h, q, k):
+        return k <= q
+
+    m = BlockSparseMask.from_mask_mod(causal, q_len=200, kv_len=200, q_block_size=64, kv_block_size=64)
+    ref = torch.tril(torch.ones(200, 200, dtype=torch.bool))
+    assert torch.equal(m.to_dense()[0, 0], ref)
+    # Diagonal blocks are partial; all full-size diagonal tiles are the same pattern.
+    assert m.num_partial_blocks() == 4
+    assert m.tiles.shape[0] == 2  # the 64x64 lower triangle, and the ragged last one
+    coarse = BlockSparseMask.from_mask_mod(causal, q_len=200, kv_len=200, q_block_size=64, kv_block_size=64,
+                                           exact=False)
+    assert coarse.num_partial_blocks() == 0 and coarse.num_visited_blocks() == m.num_visited_blocks()
+
+
+@pytest.mark.parametrize("op", ["or", "and"])
+def test_union_and_intersection_match_token_level(op):
+    a = _random_token_mask(1, 2, 150, 150, 0.05, seed=1)
+    b = _random_token_mask(1, 2, 150, 150, 0.05, seed=2)
+    a[..., :, :40] = True  # some full blocks on one side
+    ma = BlockSparseMask.from_dense(a, q_block_size=32, kv_block_size=32)
+    mb = BlockSparseMask.from_dense(b, q_block_size=32, kv_block_size=32)
+    got = (ma | mb) if op == "or" else (ma & mb)
+    want = (a | b) if op == "or" else (a & b)
+    assert torch.equal(got.to_dense(), want)
+
+
+def test_union_broadcasts_heads():
+    a = BlockSparseMask.from_block_matrix(torch.eye(4, dtype=torch.bool), q_len=128, kv_len=128,
+                                          q_block_size=32, kv_block_size=32)
+    per_head = torch.zeros(3, 4, 4, dtype=torch.bool)
+    per_head[:, :, 0] = True
+    per_head[1, :, 3] = True
+    b = BlockSparseMask.from_block_matrix(per_head, q_len=128, kv_len=128, q_block_size=32, kv_block_size=32)
+    u = a | b
+    assert u.shape == (1, 3, 4, 4)
+    assert torch.equal(u.to_block_matrix()[0], torch.eye(4, dtype=torch.bool) | per_head)
+
+
+def test_combining_masks_of_other_geometry_fails():
+    a = BlockSparseMask.full(q_len=64, kv_len=64, q_block_size=32, kv_block_size=32)
+    b = BlockSparseMask.full(q_len=96, kv_len=64, q_block_size=32, kv_block_size=32)
+    with pytest.raises(ValueError, match="must share lengths and block sizes"):
+        a | b
+
+
+@pytest.mark.parametrize("sq,sk", [(256, 256), (97, 1025)])
+def test_flex_round_trip(sq, sk):
+    tok = _random_token_mask(2, 2, sq, sk, 0.03, seed=7)
+    tok[..., :, :64] = True  # guarantees some full blocks
+    m = BlockSparseMask.from_dense(tok, q_block_size=32, kv_block_size=64)
+    fm = m.to_flex_block_mask()
+    assert tuple(fm.seq_lengths) == (sq, sk) and tuple(fm.BLOCK_SIZE) == (32, 64)
+    back = BlockSparseMask.from_flex_block_mask(fm)
+    assert torch.equal(back.to_dense(), tok)
+    # FlexAttention itself agrees with the token mask.
+    from torch.nn.attention.flex_attention import create_mask
+
+    dense = create_mask(fm.mask_mod, 2, 2, sq, sk, device="cpu")
+    assert torch.equal(dense & m.to_block_matrix().repeat_interleave(32, 2).repeat_interleave(64, 3)[..., :sq, :sk],
+                       tok)
+    # ... and flex_attention with the converted mask computes our attention.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sparsegen.kernels.reference import reference_attention
+
+    q, k, v = torch.randn(2, 2, sq, 16), torch.randn(2, 2, sk, 16), torch.randn(2, 2, sk, 16)
+    got = flex_attention(q, k, v, block_mask=fm).transpose(1, 2)
+    ref, _ = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m)
+    assert (got.double() - ref).abs().max().item() < 1e-5
+
+
+def test_from_flex_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding(b, h, q, k):
+        return (q - k).abs() <= 40
+
+    fm = create_block_mask(sliding, B=None, H=None, Q_LEN=300, KV_LEN=300, device="cpu", BLOCK_SIZE=64)
+    m = BlockSparseMask.from_flex_block_mask(fm)
+    i = torch.arange(300)
+    assert torch.equal(m.to_dense()[0, 0], (i[:, None] - i[None, :]).abs() <= 40)
+    assert m.num_partial_blocks() > 0
+
+
+def test_transposed_layout_matches_block_matrix():
+    tok = _random_token_mask(1, 2, 200, 300, 0.01, seed=3)
+    m = BlockSparseMask.from_dense(tok, q_block_size=32, kv_block_size=64)
+    qn, qi, qt = m.transposed()
+    bm = m.to_block_matrix()
+    for h in range(2):
+        for j in range(m.num_kv_blocks):
+            n = int(qn[0, h, j])
+            assert qi[0, h, j, :n].tolist() == bm[0, h, :, j].nonzero().squeeze(1).tolist()
+            for slot in range(n):
+                i = int(qi[0, h, j, slot])
+                tile = m.tiles[qt[0, h, j, slot]] if qt[0, h, j, slot] >= 0 else None
+                blk = tok[0, h, i * 32:(i + 1) * 32, j * 64:(j + 1) * 64]
+                if tile is None:
+                    assert blk.all()
+                else:
+                    assert torch.equal(tile[: blk.shape[0], : blk.shape[1]], blk)
+
+
+def test_render_png(tmp_path):
+    from PIL import Image
+
+    tok = _random_token_mask(1, 2, 256, 256, 0.02, seed=4)
+    m = BlockSparseMask.from_dense(tok, q_block_size=32, kv_block_size=32)
+    path = m.render(str(tmp_path / "m.png"))
+    img = Image.open(path)
+    assert img.size[1] == 8 * 8 and img.size[0] == 2 * 8 * 8 + 4
+    arr = torch.tensor(list(img.getdata())).view(img.size[1], img.size[0])
+    st = m.block_state()[0, 0]
+    assert int(arr[0, 0]) == {0: 0, 1: 255, 2: 128}[int(st[0, 0])]
+
+
+def test_select_heads_and_device_cache():
+    per_head = torch.ones(4, 3, 3, dtype=torch.bool)
+    per_head[2] = torch.eye(3, dtype=torch.bool)
+    m = BlockSparseMask.from_block_matrix(per_head, q_len=96, kv_len=96, q_block_size=32, kv_block_size=32)
+    sub = m.select_heads(2, 4)
+    assert sub.shape == (1, 2, 3, 3)
+    assert torch.equal(sub.to_block_matrix()[0, 0], torch.eye(3, dtype=torch.bool))
+    assert m.to("cpu") is m
