@@ -1,0 +1,260 @@
+"""Generalized neighborhood attention (GNA) as a sparsegen method.
+
+Every video token attends the tokens of a (frames, rows, columns) window around it, with
+NATTEN's semantics (windows shift at the borders, strides share windows, dilation,
+causal axes): see :mod:`sparsegen.neighborhood`. The mask is static per geometry, built
+once on tiled tokens and cached.
+
+Example::
+
+    >>> cfg = GNAConfig(kernel_size=(18, 24, 24), stride=(16, 8, 8))    # HunyuanVideo setting
+    >>> sparsegen.apply(pipe, cfg)
+
+The published settings (ANCHORS): FLUX 256 x 256 tokens, window 80 x 80, stride 16 x 16;
+HunyuanVideo 30 x 48 x 80, window (18, 24, 24), stride (16, 8, 8). With the tiles
+:func:`sparsegen.neighborhood.choose_tiles` picks, both are perfectly block-sparse (no
+partial blocks): ``sparsegen mask gna --grid 30,48,80 --kernel 18,24,24 --stride 16,8,8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
+
+import torch
+
+from ..kernels import block_sparse_attention
+from ..neighborhood import (
+    DEFAULT_BLOCK_SIZE,
+    GNALayout,
+    NeighborhoodSpec,
+    mask_report_text,
+    neighborhood_layout,
+)
+from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, config_error
+
+__all__ = ["GNAConfig", "GNAMethod", "add_mask_cli", "CONFIG", "METHOD"]
+
+IntOrTuple = Union[int, tuple[int, ...]]
+
+
+def _norm_axes(name: str, cls_name: str, value, *, allow_none: bool = False, kind=int):
+    """An int/bool or a 2- or 3-tuple (lists from JSON become tuples)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, list):
+        value = tuple(value)
+    if kind is bool:
+        ok = isinstance(value, bool) or (isinstance(value, tuple) and len(value) in (2, 3)
+                                         and all(isinstance(x, bool) for x in value))
+        hint = "must be a bool or a tuple of 2 (height, width) or 3 (frames, height, width) bools"
+    else:
+        def good(x):
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+        ok = good(value) or (isinstance(value, tuple) and len(value) in (2, 3) and all(good(x) for x in value))
+        hint = "must be an int >= 1 or a tuple of 2 (height, width) or 3 (frames, height, width) ints >= 1"
+    if not ok:
+        raise config_error(cls_name, name, value, hint)
+    return value
+
+
+@dataclass(frozen=True)
+class GNAConfig(MethodConfig):
+    """Neighborhood attention options.
+
+    Args:
+        kernel_size: window size in tokens: an int (every axis), (height, width) (every
+            frame attends all frames: spatial-only neighborhoods) or (frames, height, width).
+            Required.
+        stride: queries in groups of ``stride`` share one window (same forms as kernel_size).
+        dilation: attend every ``dilation``-th token (same forms).
+        is_causal: per axis, attend only earlier tokens (a bool or 2/3 bools).
+        tile: query tile (frames, height, width) in tokens; None chooses the tile with the
+            least wasted work for each geometry. ``kv_tile`` defaults to ``tile``.
+        block_size: tokens per block the automatic tile choice aims at (default 128).
+
+    On an axis of length 1 (the frame axis of an image model) the window is that token.
+    """
+
+    method: ClassVar[str] = "gna"
+    kernel_size: Optional[IntOrTuple] = None
+    stride: IntOrTuple = 1
+    dilation: IntOrTuple = 1
+    is_causal: Union[bool, tuple[bool, ...]] = False
+    tile: Optional[tuple[int, int, int]] = None
+    kv_tile: Optional[tuple[int, int, int]] = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if self.kernel_size is None:
+            raise config_error(name, "kernel_size", None, "is required, e.g. GNAConfig(kernel_size=(18, 24, 24))")
+        for f in ("kernel_size", "stride", "dilation"):
+            object.__setattr__(self, f, _norm_axes(f, name, getattr(self, f)))
+        object.__setattr__(self, "is_causal", _norm_axes("is_causal", name, self.is_causal, kind=bool))
+        for f in ("tile", "kv_tile"):
+            v = getattr(self, f)
+            if isinstance(v, list):
+                v = tuple(v)
+            if v is not None and not (isinstance(v, tuple) and len(v) == 3
+                                      and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+                raise config_error(name, f, v, "must be None or a (frames, height, width) tuple of ints >= 1")
+            object.__setattr__(self, f, v)
+        if self.kv_tile is not None and self.tile is None:
+            raise config_error(name, "kv_tile", self.kv_tile, "needs tile to be set too")
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1 or b & (b - 1):
+            raise config_error(name, "block_size", b, "must be a power of two (e.g. 64 or 128)")
+
+    def spec_for(self, geometry: AttentionGeometry) -> NeighborhoodSpec:
+        """The 3D neighborhood for a (frames, height, width) grid.
+
+        Raises:
+            ValueError: the window does not fit the grid (says which axis and what to change).
+        """
+        grid = geometry.grid
+
+        def three(v, full_t):
+            if isinstance(v, (int, bool)):
+                return (v, v, v)
+            return (full_t,) + tuple(v) if len(v) == 2 else tuple(v)
+
+        k = list(three(self.kernel_size, grid[0]))
+        s = list(three(self.stride, 1))
+        d = list(three(self.dilation, 1))
+        c = list(three(self.is_causal, False))
+        for ax in range(3):
+            if grid[ax] == 1:  # a single position: its only neighborhood is itself
+                k[ax], s[ax], d[ax] = 1, 1, 1
+        try:
+            return NeighborhoodSpec.make(grid, tuple(k), tuple(s), tuple(d), tuple(c))
+        except ValueError as e:
+            raise ValueError(f"GNAConfig does not fit the token grid {grid} (frames, height, width): {e}") from None
+
+
+class GNAMethod(SparseAttentionMethod):
+    """Neighborhood attention over the video tokens; the layout is cached per (geometry, device)."""
+
+    config_cls = GNAConfig
+
+    def layout_for(self, geometry: AttentionGeometry, device="cpu") -> GNALayout:
+        """Tile layouts and block mask used for ``geometry`` (cached)."""
+        cfg = self.config
+        spec = cfg.spec_for(geometry)
+        dev = torch.device(device)
+
+        def build():
+            return neighborhood_layout(spec.grid, spec.kernel_size, spec.stride, spec.dilation, spec.is_causal,
+                                       tile=cfg.tile, kv_tile=cfg.kv_tile, block_size=cfg.block_size, device=dev)
+
+        return self.cached(("gna_layout", geometry, str(dev)), build)
+
+    def check_geometry(self, geometry: AttentionGeometry) -> None:
+        self.config.spec_for(geometry)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
+        """Neighborhood attention.
+
+        Args:
+            q, k, v: (B, N, H, D), N = call.geometry.num_tokens, row-major (frame, row, column).
+        Returns:
+            out (B, N, H, D) and lse fp32 (B, H, N); ``call.stats["density"]`` is the
+            fraction of visited blocks of the tiled mask.
+        """
+        g = call.geometry
+        if q.dim() != 4 or q.shape[1] != g.num_tokens:
+            raise ValueError(f"q must be (batch, {g.num_tokens}, heads, head_dim) for geometry {g.grid}; "
+                             f"got {tuple(q.shape)=}")
+        lay = self.layout_for(g, q.device)
+        qp = lay.q_layout.apply(q)
+        kp = lay.kv_layout.apply(k)
+        vp = lay.kv_layout.apply(v)
+        out, lse = block_sparse_attention(qp, kp, vp, lay.mask, return_lse=True, backend=call.backend)
+        call.stats["density"] = lay.mask.density()
+        return lay.q_layout.invert(out), lay.q_layout.invert(lse, dim=2)
+
+
+CONFIG = GNAConfig
+METHOD = GNAMethod
+
+
+# ------------------------------------------------------------------------------ CLI
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 30,48,80, got {text!r}") from None
+    return vals
+
+
+def _bools(text: str) -> tuple[bool, ...]:
+    table = {"1": True, "true": True, "t": True, "yes": True, "0": False, "false": False, "f": False, "no": False}
+    out = []
+    for x in text.split(","):
+        if x.strip().lower() not in table:
+            raise argparse.ArgumentTypeError(f"expected comma-separated 0/1 (or true/false) like 1,0,0, got {text!r}")
+        out.append(table[x.strip().lower()])
+    return tuple(out)
+
+
+def _one_or_all(vals: tuple, nd: int, name: str):
+    if len(vals) == 1:
+        return vals * nd
+    if len(vals) != nd:
+        raise ValueError(f"--{name} has {len(vals)} values but --grid has {nd} axes; give 1 or {nd}")
+    return vals
+
+
+def add_mask_cli(subparsers) -> None:
+    """Add ``sparsegen mask gna``."""
+    p = subparsers.add_parser(
+        "gna", help="neighborhood attention mask: density, full/partial blocks, speedup bound, PNG",
+        description="Build the GNA block mask on tiled tokens and report its density, full and partial blocks "
+                    "and the upper-bound speedup (dense token pairs / computed token pairs). Without --tile the "
+                    "tile with the least wasted work is chosen and reported.",
+    )
+    p.add_argument("--grid", type=_ints, required=True, help="token grid, e.g. 30,48,80 (1 to 3 axes)")
+    p.add_argument("--kernel", type=_ints, required=True, help="window size per axis (or one value for all)")
+    p.add_argument("--stride", type=_ints, default=(1,), help="stride per axis (default 1)")
+    p.add_argument("--dilation", type=_ints, default=(1,), help="dilation per axis (default 1)")
+    p.add_argument("--causal", type=_bools, default=(False,), help="causal flag per axis, e.g. 1,0,0 (default 0)")
+    p.add_argument("--tile", type=_ints, default=None, help="query tile per axis (default: least wasted work)")
+    p.add_argument("--kv-tile", type=_ints, default=None, help="key tile per axis (default: --tile)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="tokens per block for the automatic tile choice (default 128)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.add_argument("--png", metavar="PATH", default=None, help="render the block mask to this PNG file")
+    p.set_defaults(func=_run_mask_cli)
+
+
+def _run_mask_cli(args: argparse.Namespace) -> int:
+    try:
+        nd = len(args.grid)
+        kw = dict(
+            kernel_size=_one_or_all(args.kernel, nd, "kernel"),
+            stride=_one_or_all(args.stride, nd, "stride"),
+            dilation=_one_or_all(args.dilation, nd, "dilation"),
+            is_causal=_one_or_all(args.causal, nd, "causal"),
+        )
+        tile = None if args.tile is None else _one_or_all(args.tile, nd, "tile")
+        kv_tile = None if args.kv_tile is None else _one_or_all(args.kv_tile, nd, "kv-tile")
+        lay = neighborhood_layout(args.grid, tile=tile, kv_tile=kv_tile, block_size=args.block_size, **kw)
+    except (TypeError, ValueError) as e:
+        print(f"sparsegen mask gna: error: {e}", file=sys.stderr)
+        return 2
+    stats = lay.stats()
+    stats["tile_chosen"] = tile is None
+    if args.png:
+        lay.mask.render(args.png)
+        stats["png"] = args.png
+    if args.json:
+        print(json.dumps(stats, sort_keys=True))
+    else:
+        print(mask_report_text(stats, chosen=tile is None))
+        if args.png:
+            print(f"  wrote {args.png}")
+    return 0
