@@ -1,0 +1,253 @@
+"""The Triton backend as PyTorch operators: custom ops, fake kernels and autograd.
+
+Three ``torch.library`` custom ops wrap the launchers of :mod:`.triton_attention`:
+
+* ``sparsegen::bsa_fwd(q, k, v, <layout>) -> (out, lse)``, differentiable (its
+  backward calls ``sparsegen::bsa_bwd``, which also takes the gradient of ``lse``);
+* ``sparsegen::bsa_bwd(...) -> (dq, dk, dv)``;
+* ``sparsegen::bsa_fwd_quant(q, k, v, <layout>, quant_json) -> (out, lse)``, INT8
+  inference (quantizes with :func:`.quant.quantize_qk` / :func:`.quant.quantize_v`).
+
+Each has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces a
+model calling ``block_sparse_attention(..., backend="triton")`` as one opaque node per
+call. A mask enters an op as its tensors (``kv_num_blocks``, ``kv_indices``, optional
+``tile_ids`` / ``tiles``) plus its block sizes; the lengths come from q and k.
+
+The backward needs the mask's transposed layout (query blocks per key block). Eager
+callers pass the one cached on the mask (``BlockSparseMask.transposed``); under
+``torch.compile`` it is derived inside the backward op, because deriving it has a
+data-dependent size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._alloc import new_empty
+from .mask import BlockSparseMask
+from .quant import PVFormat, QuantConfig, quantize_qk, quantize_v
+from . import tuning
+
+__all__ = ["triton_block_sparse_attention", "triton_support_error"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_GRID_Y = 65535  # CUDA limit on gridDim.y, which holds batch * heads
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _transposed_layout(q_num_blocks, q_indices, q_tile_ids, kv_num_blocks, kv_indices, tile_ids, tiles,
+                      q_len, kv_len, q_block_size, kv_block_size):
+    if q_num_blocks is not None and q_indices is not None:
+        return q_num_blocks, q_indices, q_tile_ids
+    mask = BlockSparseMask(kv_num_blocks, kv_indices, q_len, kv_len, q_block_size, kv_block_size, tile_ids, tiles)
+    return mask.transposed()
+
+
+# ------------------------------------------------------------------------ forward op
+
+
+@torch.library.custom_op("sparsegen::bsa_fwd", mutates_args=(), device_types=None)
+def bsa_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, tile_ids: Optional[Tensor], tiles: Optional[Tensor],
+    q_num_blocks: Optional[Tensor], q_indices: Optional[Tensor], q_tile_ids: Optional[Tensor],
+    q_block_size: int, kv_block_size: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Block-sparse attention forward.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); layout tensors as in ``BlockSparseMask``;
+    ``q_num_blocks`` / ``q_indices`` / ``q_tile_ids``: the transposed layout, read only
+    by the backward (None: derived there). Returns out (B, Sq, H, D) in q's dtype and
+    lse fp32 (B, H, Sq), natural log.
+    """
+    from .triton_attention import launch_forward
+
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    b, sq, h, d = q.shape
+    out = new_empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    lse = new_empty((b, h, sq), dtype=torch.float32, device=q.device)
+    launch_forward(q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_block_size, kv_block_size, scale, out, lse)
+    return out, lse
+
+
+@bsa_fwd.register_fake
+def _bsa_fwd_fake(q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_num_blocks, q_indices, q_tile_ids,
+                  q_block_size, kv_block_size, scale):
+    b, sq, h, d = q.shape
+    return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------ backward op
+
+
+@torch.library.custom_op("sparsegen::bsa_bwd", mutates_args=(), device_types=None)
+def bsa_bwd(
+    grad_out: Tensor, grad_lse: Optional[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, tile_ids: Optional[Tensor], tiles: Optional[Tensor],
+    q_num_blocks: Optional[Tensor], q_indices: Optional[Tensor], q_tile_ids: Optional[Tensor],
+    q_block_size: int, kv_block_size: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`bsa_fwd`: dq (B, Sq, H, D), dk, dv (B, Sk, H, D) in the input dtype.
+
+    grad_out: (B, Sq, H, D); grad_lse: fp32 (B, H, Sq) or None (no gradient through lse).
+    """
+    from .triton_attention import launch_backward
+
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    out, grad_out = _last_dim_contiguous(out), _last_dim_contiguous(grad_out)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    q_num_blocks, q_indices, q_tile_ids = _transposed_layout(
+        q_num_blocks, q_indices, q_tile_ids, kv_num_blocks, kv_indices, tile_ids, tiles,
+        sq, sk, q_block_size, kv_block_size)
+    if grad_lse is not None:
+        grad_lse = grad_lse.float().contiguous()
+    lse = lse.contiguous()
+    delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    dq = new_empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    dk = new_empty((b, sk, h, d), dtype=k.dtype, device=q.device)
+    dv = new_empty((b, sk, h, d), dtype=v.dtype, device=q.device)
+    launch_backward(grad_out, grad_lse, q, k, v, out, lse,
+                    kv_num_blocks, kv_indices, tile_ids, q_num_blocks, q_indices, q_tile_ids, tiles,
+                    q_block_size, kv_block_size, scale, delta, dq, dk, dv)
+    return dq, dk, dv
+
+
+@bsa_bwd.register_fake
+def _bsa_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles,
+                  q_num_blocks, q_indices, q_tile_ids, q_block_size, kv_block_size, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    (q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_num_blocks, q_indices, q_tile_ids,
+     q_block_size, kv_block_size, scale) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles,
+                          q_num_blocks, q_indices, q_tile_ids)
+    ctx.block_sizes = (q_block_size, kv_block_size)
+    ctx.scale = scale
+
+
+def _fwd_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles, q_num_blocks, q_indices, q_tile_ids = (
+        ctx.saved_tensors)
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.sparsegen.bsa_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles,
+        q_num_blocks, q_indices, q_tile_ids, ctx.block_sizes[0], ctx.block_sizes[1], ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+bsa_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------ INT8 forward op
+
+
+@torch.library.custom_op("sparsegen::bsa_fwd_quant", mutates_args=(), device_types=None)
+def bsa_fwd_quant(
+    q: Tensor, k: Tensor, v: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, tile_ids: Optional[Tensor], tiles: Optional[Tensor],
+    q_block_size: int, kv_block_size: int, scale: float, quant: str,
+) -> tuple[Tensor, Tensor]:
+    """Quantized block-sparse attention forward (inference only).
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); ``quant`` is ``QuantConfig.to_json()``.
+    Returns out (B, Sq, H, D) in q's dtype and lse fp32 (B, H, Sq).
+    """
+    from .triton_attention import launch_forward_quant
+
+    cfg = QuantConfig.from_json(quant)
+    b, sq, h, d = q.shape
+    qz = quantize_qk(q, k, cfg, scale)
+    if cfg.pv == PVFormat.INT8:
+        v_op, v_scale = quantize_v(v)
+    else:
+        v_op, v_scale = _last_dim_contiguous(v), None
+    out = new_empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    lse = new_empty((b, h, sq), dtype=torch.float32, device=q.device)
+    launch_forward_quant(qz.q_int, qz.q_scale, qz.k_int, qz.k_scale, v_op, v_scale,
+                         kv_num_blocks, kv_indices, tile_ids, tiles, q_block_size, kv_block_size,
+                         cfg.q_block, cfg.k_block, cfg.p_scale_inv, out, lse)
+    return out, lse
+
+
+@bsa_fwd_quant.register_fake
+def _bsa_fwd_quant_fake(q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_block_size, kv_block_size,
+                        scale, quant):
+    b, sq, h, d = q.shape
+    return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------ public functions
+
+
+def triton_support_error(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask,
+                         quant: Optional[QuantConfig]) -> Optional[str]:
+    """Why the Triton kernels cannot serve these inputs, with how to fix it; None if they can.
+
+    Reads only shapes, dtypes, devices and flags (no tensor data), so it is safe to
+    call while ``torch.compile`` traces.
+    """
+    if q.dtype not in _TRITON_DTYPES:
+        return f"backend='triton' supports {_TRITON_DTYPES}, got {q.dtype=}; cast the inputs or use backend='torch'"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and _interpreting():
+        return ("bf16 inputs cannot run in Triton's interpreter (TRITON_INTERPRET=1): its tl.dot returns garbage "
+                "for bf16 operands (triton 3.x); run on a CUDA device, or use float16 / float32 to test the "
+                "kernels in the interpreter")
+    d = q.shape[-1]
+    if not (tuning.MIN_HEAD_DIM <= d <= tuning.MAX_HEAD_DIM):
+        return (f"backend='triton' supports head_dim in [{tuning.MIN_HEAD_DIM}, {tuning.MAX_HEAD_DIM}] "
+                f"(tuned and compile-checked: {tuning.SHIPPED_HEAD_DIMS}); got {q.shape[-1]=}. "
+                "Use backend='torch' for this head dim")
+    if q.shape[0] * q.shape[2] > _MAX_GRID_Y:
+        return (f"backend='triton' launches one program row per (batch, head): batch * heads = "
+                f"{q.shape[0] * q.shape[2]} exceeds {_MAX_GRID_Y}; split the batch into smaller calls")
+    if quant is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return ("quantized attention is inference-only: run it under torch.no_grad() (or detach q, k, v), "
+                "or use quant=None to train")
+    if mask.device != q.device:
+        return f"the mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)"
+    return None
+
+
+def triton_block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask, *, scale: float, quant: Optional[QuantConfig],
+) -> tuple[Tensor, Tensor]:
+    """Block-sparse attention with the Triton kernels (through the ``sparsegen::`` custom ops).
+
+    Args:
+        q: (B, Sq, H, D); k, v: (B, Sk, H, D) (checked by the caller against ``mask``).
+        mask: its batch/head dims may be 1 (broadcast); tiles mark partial blocks.
+        scale: softmax scale.
+        quant: None (differentiable) or a :class:`QuantConfig` (inference only).
+
+    Returns:
+        out (B, Sq, H, D) in q's dtype; lse fp32 (B, H, Sq), natural log (-inf for rows
+        that attend nothing, whose output is 0).
+    """
+    if quant is not None:
+        return torch.ops.sparsegen.bsa_fwd_quant(
+            q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.tile_ids, mask.tiles,
+            mask.q_block_size, mask.kv_block_size, float(scale), quant.to_json())
+    q_num_blocks = q_indices = q_tile_ids = None
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad and not torch.compiler.is_compiling():
+        q_num_blocks, q_indices, q_tile_ids = mask.transposed()  # cached on the mask
+    return torch.ops.sparsegen.bsa_fwd(
+        q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.tile_ids, mask.tiles,
+        q_num_blocks, q_indices, q_tile_ids, mask.q_block_size, mask.kv_block_size, float(scale))
