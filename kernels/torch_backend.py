@@ -1,13 +1,30 @@
 """The CPU path of block-sparse attention: gather visited key blocks, batched dense attention.
 
-How it works. Query blocks are grouped by what their key set looks like
-(number of visited key blocks, whether the last, partial key block is among them,
-whether any visited block carries a token tile). Inside a group every query block
-attends to the same number of keys, so the visited key/value tokens are gathered
-into a reused workspace (``index_select(out=...)``) and one batched fused attention
-call (PyTorch's flash kernel for CPU, which also returns the log-sum-exp) serves the
-whole group. Memory is proportional to the visited blocks of one chunk of a group,
-never to Sq x Sk.
+How it works::
+
+    mask layout ──(once per mask)──> groups of query blocks with the same key-set shape
+                                     (number of visited key blocks, ragged last block
+                                     among them or not, token tiles or not)
+                ──(once per batch/heads)──> flat block ids per group:
+                                     query block  bh * Qb + i
+                                     key blocks   bh * Kb + j  (one row per query block)
+
+    per group, per chunk of rows:
+        K, V blocks ──index_select(out=workspace)──> (n, 1, c * kv_block_size, D)
+        Q blocks    ──index_select──────────────────> (n, 1, q_block_size, D)
+        PyTorch's fused CPU flash kernel (returns the LSE too) ──index_copy_──> out, lse
+
+Q, K and V are first laid out as whole blocks, ``(B * H * num_blocks, block_size * D)``
+(zero padded past the true lengths), so one gathered row is one block: copying a
+few large contiguous rows is several times faster than gathering single tokens.
+Inside a group every query block sees the same number of keys, so one batched call
+serves the whole chunk. The workspace is reused across chunks and groups; memory is
+proportional to the visited blocks of one chunk, never to Sq x Sk.
+
+Query blocks of one (batch, head) that visit exactly the same key blocks (common in
+banded and radial masks, e.g. rows that only see whole neighbouring frames) are
+merged into one taller query tile, so their keys are gathered once and the fused
+kernel runs larger, more efficient tiles.
 
 The backward pass recomputes probabilities per group from the saved log-sum-exp
 (as FlashAttention does) and also propagates a gradient flowing into the LSE, which
@@ -19,7 +36,6 @@ Quantized attention (``quant=``) runs the exact integer arithmetic of the INT8 k
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,20 +47,49 @@ from .quant import LOG2E, PVFormat, QuantConfig, quantize_qk, quantize_v, round_
 
 __all__ = ["torch_block_sparse_attention"]
 
-# Elements per gathered K (and V) workspace chunk: large enough to amortise the
-# per-call overhead of the fused kernel, small enough to stay far from S x S.
-_WORKSPACE_ELEMENTS = 1 << 23
+# Elements of one gathered K (and V) chunk. Measured on a 2-core EPYC (L2 1 MiB per
+# core, L3 32 MiB): chunks of a few MiB keep the gathered blocks in cache until the
+# fused kernel reads them and still amortise its per-call overhead.
+_WORKSPACE_ELEMENTS = 1 << 20
+# Tallest query tile built by merging query blocks with identical key sets. The CPU
+# flash kernel uses 256-row query splits from 768 rows on, so larger tiles gain little.
+_MAX_MERGED_QUERY_TOKENS = 1024
 
 
-@dataclass
-class _Group:
-    rows: torch.Tensor        # long (G,): layout row = layout_bh * Qb + q_block
-    kv_blocks: torch.Tensor   # long (G, c): visited key blocks, ascending
+@dataclass(frozen=True)
+class _LayoutGroup:
+    """Query blocks of the mask layout that share one key-set shape."""
+
+    rows: torch.Tensor                # long (G,): layout row = layout_bh * Qb + q_block
+    kv_blocks: torch.Tensor           # long (G, c): visited key blocks, ascending
     tile_ids: Optional[torch.Tensor]  # long (G, c) or None: -1 full, else tile index
-    keys: int                 # tokens gathered per row (c * kv_block_size minus the ragged tail)
+    keys: int                         # tokens per row: c * kv_block_size minus the ragged tail
 
 
-def _plan(mask: BlockSparseMask) -> list[_Group]:
+@dataclass(frozen=True)
+class _WorkGroup:
+    """One group expanded to the call's batch and heads, as flat block ids.
+
+    ``merge`` query blocks with identical key sets share one row: row r covers the
+    query blocks ``q_blocks[r]`` (each ``bh * Qb + i``) and gathers ``kv_blocks[r]``
+    (each ``bh * Kb + j``).
+    """
+
+    q_blocks: torch.Tensor            # long (N, merge)
+    kv_blocks: torch.Tensor           # long (N, c)
+    tile_ids: Optional[torch.Tensor]  # long (N, c) or None (tiled groups are never merged)
+    keys: int
+
+    @property
+    def merge(self) -> int:
+        return self.q_blocks.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.kv_blocks.shape[1]
+
+
+def _layout_groups(mask: BlockSparseMask) -> list[_LayoutGroup]:
     """Group the layout's query blocks by key-set shape. Cached on the mask."""
     key = ("torch_plan",)
     cache = mask._cache
@@ -69,134 +114,177 @@ def _plan(mask: BlockSparseMask) -> list[_Group]:
             continue
         last, tile = bool(val & 2), bool(val & 1)
         keys = c * mask.kv_block_size - (mask.kv_block_size - ragged if last else 0)
-        groups.append(_Group(rows, idx[rows, :c].contiguous(), tid[rows, :c].contiguous() if tile else None, keys))
+        groups.append(_LayoutGroup(rows, idx[rows, :c].contiguous(),
+                                   tid[rows, :c].contiguous() if tile else None, keys))
     cache[key] = groups
     return groups
 
 
-def _expand_rows(rows: torch.Tensor, mask: BlockSparseMask, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map layout rows to (bh, q_block) of the real batch and heads (broadcast dims repeat)."""
+def _merge_identical_rows(q_blocks: torch.Tensor, kv_blocks: torch.Tensor, max_merge: int):
+    """Split rows into runs of ``m`` rows with identical key sets, for each m.
+
+    Args:
+        q_blocks: long (N,) flat query block ids; kv_blocks: long (N, c) flat key block ids
+            (identical rows can only occur within one (batch, head): the ids embed bh).
+    Returns:
+        dict m -> (q_blocks (R, m), kv_blocks (R, c)).
+    """
+    n = q_blocks.numel()
+    if n == 0:
+        return {}
+    # Sort rows by key set so identical sets are adjacent (lexicographic via unique).
+    uniq, inverse, counts = torch.unique(kv_blocks, dim=0, return_inverse=True, return_counts=True)
+    order = torch.sort(inverse * (q_blocks.max() + 1) + q_blocks).indices
+    q_sorted = q_blocks[order]
+    set_of_row = inverse[order]
+    # Position of each row inside its run of identical sets, then cut runs into pieces
+    # of at most max_merge rows; pieces of equal size form one batch.
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n) - starts[set_of_row]
+    sizes = counts[set_of_row]
+    piece = pos // max_merge
+    full_pieces = sizes // max_merge
+    piece_size = torch.where(piece < full_pieces, torch.full_like(sizes, max_merge), sizes % max_merge)
+    out = {}
+    for m in torch.unique(piece_size).tolist():
+        sel = (piece_size == m).nonzero().squeeze(1)
+        qb = q_sorted[sel].view(-1, m)
+        kvb = uniq[set_of_row[sel].view(-1, m)[:, 0]]
+        out[m] = (qb, kvb)
+    return out
+
+
+def _work_groups(mask: BlockSparseMask, batch: int, heads: int, device: torch.device,
+                 allow_merge: bool) -> list[_WorkGroup]:
+    """Expand the layout groups to ``batch`` x ``heads`` as flat block ids. Cached on the mask."""
+    key = ("torch_work", batch, heads, str(device), allow_merge)
+    cache = mask._cache
+    if key in cache:
+        return cache[key]
     bm, hm, qb = mask.kv_num_blocks.shape
-    lbh, qi = rows // qb, rows % qb
-    lb, lh = lbh // hm, lbh % hm
-    bs = torch.arange(batch) if bm == 1 else None
-    hs = torch.arange(heads) if hm == 1 else None
-    b_all = lb[:, None] if bs is None else bs[None, :].expand(len(rows), batch)
-    h_all = lh[:, None] if hs is None else hs[None, :].expand(len(rows), heads)
-    # Cartesian product over the broadcast dims, row-major (row, b, h).
-    b_all = b_all[:, :, None].expand(-1, b_all.shape[1], h_all.shape[1])
-    h_all = h_all[:, None, :].expand(-1, b_all.shape[1], h_all.shape[1])
-    bh = (b_all * heads + h_all).reshape(len(rows), -1)
-    rep = bh.shape[1]
-    return bh, qi[:, None].expand(-1, rep)
+    kb = mask.num_kv_blocks
+    max_merge = max(1, _MAX_MERGED_QUERY_TOKENS // mask.q_block_size) if allow_merge else 1
+    work = []
+    for g in _layout_groups(mask):
+        lbh, qi = g.rows // qb, g.rows % qb
+        lb, lh = lbh // hm, lbh % hm
+        b_all = torch.arange(batch)[None, :].expand(len(g.rows), batch) if bm == 1 else lb[:, None]
+        h_all = torch.arange(heads)[None, :].expand(len(g.rows), heads) if hm == 1 else lh[:, None]
+        bh = (b_all[:, :, None] * heads + h_all[:, None, :]).reshape(len(g.rows), -1)  # (G, R)
+        q_flat = (bh * qb + qi[:, None]).reshape(-1)
+        c = g.kv_blocks.shape[1]
+        kv_flat = (bh[:, :, None] * kb + g.kv_blocks[:, None, :]).reshape(-1, c)
+        # Ascending query blocks: consecutive rows read nearby K/V of one head.
+        order = torch.argsort(q_flat)
+        q_flat, kv_flat = q_flat[order], kv_flat[order]
+        if g.tile_ids is not None or max_merge == 1:
+            tiles = None
+            if g.tile_ids is not None:
+                tiles = g.tile_ids[:, None, :].expand(-1, bh.shape[1], -1).reshape(-1, c)[order]
+                tiles = tiles.contiguous().to(device)
+            work.append(_WorkGroup(q_flat[:, None].contiguous().to(device), kv_flat.contiguous().to(device),
+                                   tiles, g.keys))
+            continue
+        for m, (qbm, kvbm) in sorted(_merge_identical_rows(q_flat, kv_flat, max_merge).items()):
+            work.append(_WorkGroup(qbm.contiguous().to(device), kvbm.contiguous().to(device), None, g.keys))
+    cache[key] = work
+    return work
 
 
-def _token_index(kv_blocks: torch.Tensor, kv_block_size: int, keys: int) -> torch.Tensor:
-    """(G, c) block ids -> (G, keys) token ids (ragged tail of the last block dropped)."""
-    ar = torch.arange(kv_block_size, device=kv_blocks.device)
-    tok = (kv_blocks[:, :, None] * kv_block_size + ar).reshape(kv_blocks.shape[0], -1)
-    return tok[:, :keys]
+def _as_blocks(x: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
+    """(B, S, H, D) -> contiguous (B * H * num_blocks, block * D), zero padded along S."""
+    b, s, h, d = x.shape
+    pad = num_blocks * block - s
+    t = x.transpose(1, 2)
+    if pad:
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+    return t.reshape(b * h * num_blocks, block * d).contiguous()
+
+
+def _from_blocks(x: torch.Tensor, b: int, h: int, s: int, d: int) -> torch.Tensor:
+    """(B * H * num_blocks, block * D) -> (B, S, H, D) view (padding dropped)."""
+    return x.view(b, h, -1, d)[:, :, :s].transpose(1, 2)
 
 
 def _tile_bias(mask: BlockSparseMask, tile_ids: torch.Tensor, keys: int, dtype, device) -> torch.Tensor:
     """(G, c) tile ids -> additive bias (G, 1, q_block_size, keys): 0 attend, -inf skip."""
     tiles = mask.tiles.to(device)
-    ones = torch.ones(1, mask.q_block_size, mask.kv_block_size, dtype=torch.bool, device=device)
-    table = torch.cat([tiles, ones], 0)  # index -1 -> the all-ones tile
-    t = table[tile_ids.to(device)]       # (G, c, qbs, kbs)
+    tid = tile_ids.to(device).long()
+    # Index only the tiles this chunk uses (tiles may be a stride-0 expanded view; never copy it whole).
+    t = tiles[tid.clamp(min=0)] | (tid < 0)[..., None, None]  # (G, c, qbs, kbs); -1 -> the all-ones tile
     allowed = t.permute(0, 2, 1, 3).reshape(tile_ids.shape[0], mask.q_block_size, -1)[:, :, :keys]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     bias.masked_fill_(~allowed, float("-inf"))
     return bias[:, None]
 
 
-class _Runner:
-    """Shared state of one call: inputs flattened to (B*H, S, D), the plan, chunking."""
-
-    def __init__(self, q, k, v, mask: BlockSparseMask, scale: float, quant: Optional[QuantConfig]):
-        self.b, self.sq, self.h, self.d = q.shape
-        self.sk = k.shape[1]
-        self.mask = mask
-        self.scale = scale
-        self.quant = quant
-        self.qbs, self.kbs = mask.q_block_size, mask.kv_block_size
-        self.qb = mask.num_q_blocks
-        self.device = q.device
-        self.groups = _plan(mask)
-
-    def chunks(self, group: _Group, width: int):
-        """Yield (bh (n,), q_block (n,), layout index into group (n,)) chunks of expanded rows."""
-        bh, qi = _expand_rows(group.rows, self.mask, self.b, self.h)
-        g, rep = bh.shape
-        order = torch.arange(g)[:, None].expand(g, rep).reshape(-1)
-        bh, qi = bh.reshape(-1), qi.reshape(-1)
-        per = max(1, _WORKSPACE_ELEMENTS // max(1, group.keys * width))
-        for s in range(0, bh.numel(), per):
-            e = min(s + per, bh.numel())
-            yield bh[s:e], qi[s:e], order[s:e]
+def _rows_per_chunk(group: _WorkGroup, kv_block_size: int, d: int) -> int:
+    return max(1, _WORKSPACE_ELEMENTS // (group.width * kv_block_size * d))
 
 
-def _flat_bhsd(x: torch.Tensor, pad_to: int) -> torch.Tensor:
-    """(B, S, H, D) -> contiguous (B*H*pad_to, D), zero padded along S."""
-    b, s, h, d = x.shape
-    t = x.transpose(1, 2)
-    if pad_to != s:
-        t = torch.nn.functional.pad(t, (0, 0, 0, pad_to - s))
-    return t.reshape(b * h * pad_to, d).contiguous()
+class _Workspace:
+    """Reused buffers for gathered K and V blocks (grown on demand, never shrunk)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.k = self.v = None
+
+    def get(self, elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None or self.k.numel() < elements:
+            self.k = torch.empty(elements, dtype=self.dtype, device=self.device)
+            self.v = torch.empty(elements, dtype=self.dtype, device=self.device)
+        return self.k[:elements], self.v[:elements]
 
 
 def _forward(q, k, v, mask: BlockSparseMask, scale: float, quant: Optional[QuantConfig]):
-    r = _Runner(q, k, v, mask, scale, quant)
-    b, h, d, sk = r.b, r.h, r.d, r.sk
-    sq_pad = r.qb * r.qbs
     if quant is not None:
-        return _forward_quant(r, q, k, v)
-    qf = _flat_bhsd(q, sq_pad)
-    kf = _flat_bhsd(k, sk)
-    vf = _flat_bhsd(v, sk)
-    out = new_empty((b * h * sq_pad, d), dtype=q.dtype, device=q.device)
-    lse = new_empty((b * h * sq_pad,), dtype=torch.float32, device=q.device)
+        return _forward_quant(q, k, v, mask, scale, quant)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    qbs, kbs = mask.q_block_size, mask.kv_block_size
+    nqb, nkb = mask.num_q_blocks, mask.num_kv_blocks
     cpu = q.device.type == "cpu"
-    ar_q = torch.arange(r.qbs, device=q.device)
-    ws_k = ws_v = None
-    for grp in r.groups:
-        tok_all = _token_index(grp.kv_blocks, r.kbs, grp.keys).to(q.device)
-        for bh, qi, gi in r.chunks(grp, d):
-            n = bh.numel()
-            bh_d, qi_d, gi_d = bh.to(q.device), qi.to(q.device), gi.to(q.device)
-            kv_tok = (tok_all[gi_d] + (bh_d * sk)[:, None]).reshape(-1)
-            need = kv_tok.numel() * d
-            if ws_k is None or ws_k.numel() < need:
-                ws_k = torch.empty(need, dtype=k.dtype, device=q.device)
-                ws_v = torch.empty(need, dtype=v.dtype, device=q.device)
-            kc = ws_k[:need].view(-1, d)
-            vc = ws_v[:need].view(-1, d)
-            torch.index_select(kf, 0, kv_tok, out=kc)
-            torch.index_select(vf, 0, kv_tok, out=vc)
-            q_tok = ((bh_d * sq_pad + qi_d * r.qbs)[:, None] + ar_q).reshape(-1)
-            qc = qf.index_select(0, q_tok).view(n, 1, r.qbs, d)
-            kc4 = kc.view(n, 1, grp.keys, d)
-            vc4 = vc.view(n, 1, grp.keys, d)
+    groups = _work_groups(mask, b, h, q.device, allow_merge=cpu and not mask.has_tiles)
+    qf = _as_blocks(q, qbs, nqb)
+    kf = _as_blocks(k, kbs, nkb)
+    vf = _as_blocks(v, kbs, nkb)
+    out = new_empty((b * h * nqb, qbs * d), dtype=q.dtype, device=q.device)
+    lse = new_empty((b * h * nqb, qbs), dtype=torch.float32, device=q.device)
+    ws = _Workspace(k.dtype, q.device)
+    for grp in groups:
+        c, m = grp.width, grp.merge
+        per = _rows_per_chunk(grp, kbs, d)
+        for s in range(0, grp.q_blocks.shape[0], per):
+            kv_ids = grp.kv_blocks[s:s + per]
+            q_ids = grp.q_blocks[s:s + per].reshape(-1)
+            n = kv_ids.shape[0]
+            wk, wv = ws.get(n * c * kbs * d)
+            kc = torch.index_select(kf, 0, kv_ids.reshape(-1), out=wk.view(n * c, kbs * d))
+            vc = torch.index_select(vf, 0, kv_ids.reshape(-1), out=wv.view(n * c, kbs * d))
+            # The ragged tail of the last key block is sliced off (a strided view).
+            kc4 = kc.view(n, 1, c * kbs, d)[:, :, : grp.keys]
+            vc4 = vc.view(n, 1, c * kbs, d)[:, :, : grp.keys]
+            qc = qf.index_select(0, q_ids).view(n, 1, m * qbs, d)
             bias = None
             if grp.tile_ids is not None:
-                bias = _tile_bias(mask, grp.tile_ids[gi], grp.keys, q.dtype, q.device)
+                bias = _tile_bias(mask, grp.tile_ids[s:s + per], grp.keys, q.dtype, q.device)
             if cpu:
                 o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     qc, kc4, vc4, 0.0, False, attn_mask=bias, scale=scale)
             else:
                 o, l = _math_attention(qc, kc4, vc4, bias, scale)
-            o = o.reshape(n * r.qbs, d)
-            l = l.reshape(n * r.qbs).float()
+            o = o.reshape(n * m, qbs * d)
+            l = l.reshape(n * m, qbs).float()
             if bias is not None:
-                empty = ~torch.isfinite(l)
+                # Rows whose tiles attend nothing: zero output and -inf LSE (mask.py's contract).
+                # Read them off the bias: the fused kernel reports a finite LSE for such rows.
+                empty = torch.isneginf(bias).all(-1).view(n * m, qbs)
                 if bool(empty.any()):
-                    o = torch.where(empty[:, None], torch.zeros_like(o), o)
+                    o = torch.where(empty.repeat_interleave(d, 1), torch.zeros_like(o), o)
                     l = torch.where(empty, torch.full_like(l, float("-inf")), l)
-            out.index_copy_(0, q_tok, o.to(out.dtype))
-            lse.index_copy_(0, q_tok, l)
-    out = out.view(b, h, sq_pad, d)[:, :, : r.sq].transpose(1, 2)
-    lse = lse.view(b, h, sq_pad)[:, :, : r.sq]
-    return out, lse
+            out.index_copy_(0, q_ids, o if o.dtype == out.dtype else o.to(out.dtype))
+            lse.index_copy_(0, q_ids, l)
+    return _from_blocks(out, b, h, sq, d), lse.view(b, h, -1)[:, :, :sq]
 
 
 def _math_attention(qc, kc, vc, bias, scale):
@@ -209,101 +297,119 @@ def _math_attention(qc, kc, vc, bias, scale):
     return torch.matmul(p, vc.float()).to(qc.dtype), lse
 
 
-def _forward_quant(r: _Runner, q, k, v):
+def _token_ids(block_ids: torch.Tensor, block: int, keep: int) -> torch.Tensor:
+    """(n, c) flat block ids -> (n, keep) flat token ids (first ``keep`` tokens of the row)."""
+    ar = torch.arange(block, device=block_ids.device)
+    return (block_ids[:, :, None] * block + ar).reshape(block_ids.shape[0], -1)[:, :keep]
+
+
+def _forward_quant(q, k, v, mask: BlockSparseMask, scale: float, cfg: QuantConfig):
     """INT8/INT4 emulation with the kernel's arithmetic (integer Q·K, exp2, P/V formats)."""
-    cfg = r.quant
-    b, h, d, sk = r.b, r.h, r.d, r.sk
-    sq_pad = r.qb * r.qbs
-    qz = quantize_qk(q, k, cfg, r.scale)
-    # Per-token scales, flattened like the data.
-    qs = qz.q_scale.repeat_interleave(cfg.q_block, -1)[..., : r.sq]
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    qbs, kbs = mask.q_block_size, mask.kv_block_size
+    nqb, nkb = mask.num_q_blocks, mask.num_kv_blocks
+    sq_pad, sk_pad = nqb * qbs, nkb * kbs
+    groups = _work_groups(mask, b, h, q.device, allow_merge=False)
+    qz = quantize_qk(q, k, cfg, scale)
+    # Per-token scales, flattened like the (padded) data.
+    qs = qz.q_scale.repeat_interleave(cfg.q_block, -1)[..., :sq]
     ks = qz.k_scale.repeat_interleave(cfg.k_block, -1)[..., :sk]
-    qi_f = torch.nn.functional.pad(qz.q_int.float(), (0, 0, 0, sq_pad - r.sq)).reshape(-1, d)
-    qs_f = torch.nn.functional.pad(qs, (0, sq_pad - r.sq)).reshape(-1)
-    ki_f = qz.k_int.float().reshape(-1, d)
-    ks_f = ks.reshape(-1)
+    qi_f = torch.nn.functional.pad(qz.q_int.float(), (0, 0, 0, sq_pad - sq)).reshape(-1, d)
+    qs_f = torch.nn.functional.pad(qs, (0, sq_pad - sq)).reshape(-1)
+    ki_f = torch.nn.functional.pad(qz.k_int.float(), (0, 0, 0, sk_pad - sk)).reshape(-1, d)
+    ks_f = torch.nn.functional.pad(ks, (0, sk_pad - sk)).reshape(-1)
     if cfg.pv == PVFormat.INT8:
         v_int, v_scale = quantize_v(v)
-        vf = v_int.float().reshape(-1, d)
+        vf = v_int.float()
     else:
         half = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        vf = v.transpose(1, 2).to(half).float().reshape(-1, d)
+        vf = v.transpose(1, 2).to(half).float()
         v_scale = None
+    vf = torch.nn.functional.pad(vf, (0, 0, 0, sk_pad - sk)).reshape(-1, d)
     out = new_empty((b * h * sq_pad, d), dtype=torch.float32, device=q.device)
     lse = new_empty((b * h * sq_pad,), dtype=torch.float32, device=q.device)
-    ar_q = torch.arange(r.qbs, device=q.device)
-    for grp in r.groups:
-        tok_all = _token_index(grp.kv_blocks, r.kbs, grp.keys).to(q.device)
-        for bh, qi, gi in r.chunks(grp, max(d, r.qbs)):
-            n = bh.numel()
-            bh_d, qi_d, gi_d = bh.to(q.device), qi.to(q.device), gi.to(q.device)
-            kv_tok = (tok_all[gi_d] + (bh_d * sk)[:, None])
-            q_tok = ((bh_d * sq_pad + qi_d * r.qbs)[:, None] + ar_q)
+    for grp in groups:
+        per = max(1, _WORKSPACE_ELEMENTS // (grp.keys * max(d, qbs)))
+        for s in range(0, grp.q_blocks.shape[0], per):
+            q_blk = grp.q_blocks[s:s + per, 0]
+            kv_tok = _token_ids(grp.kv_blocks[s:s + per], kbs, grp.keys)
+            q_tok = _token_ids(q_blk[:, None], qbs, qbs)
             # Integer products are exact in fp32 (|sum| <= 127 * 127 * D < 2**24).
-            s = torch.matmul(qi_f[q_tok], ki_f[kv_tok].transpose(-1, -2))
-            s = s * qs_f[q_tok][..., None] * ks_f[kv_tok][:, None, :]  # log2-domain logits
+            sc = torch.matmul(qi_f[q_tok], ki_f[kv_tok].transpose(-1, -2))
+            sc = sc * qs_f[q_tok][..., None] * ks_f[kv_tok][:, None, :]  # log2-domain logits
             if grp.tile_ids is not None:
-                s = s + _tile_bias(r.mask, grp.tile_ids[gi], grp.keys, torch.float32, q.device)[:, 0]
-            m = s.amax(-1, keepdim=True)
-            m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-            p = torch.exp2(s - m)
+                sc = sc + _tile_bias(mask, grp.tile_ids[s:s + per], grp.keys, torch.float32, q.device)[:, 0]
+            mx = sc.amax(-1, keepdim=True)
+            mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
+            p = torch.exp2(sc - mx)
             l = p.sum(-1, keepdim=True)
             if cfg.pv == PVFormat.INT8:
                 p = round_half_away(p * cfg.p_scale_inv)
                 o = torch.matmul(p, vf[kv_tok]) / cfg.p_scale_inv
-                o = o * v_scale.reshape(b * h, d)[bh_d][:, None, :]
+                o = o * v_scale.reshape(b * h, d)[q_blk // nqb][:, None, :]
             else:
                 o = torch.matmul(p.to(torch.float16).float(), vf[kv_tok])
             o = o / torch.where(l > 0, l, torch.ones_like(l))
-            ll = torch.where(l > 0, (m + torch.log2(l)) / LOG2E, torch.full_like(l, float("-inf")))
+            ll = torch.where(l > 0, (mx + torch.log2(l)) / LOG2E, torch.full_like(l, float("-inf")))
             out.index_copy_(0, q_tok.reshape(-1), o.reshape(-1, d))
             lse.index_copy_(0, q_tok.reshape(-1), ll.reshape(-1))
-    out = out.view(b, h, sq_pad, d)[:, :, : r.sq].transpose(1, 2).to(q.dtype)
-    lse = lse.view(b, h, sq_pad)[:, :, : r.sq]
-    return out, lse
+    out = out.view(b, h, sq_pad, d)[:, :, :sq].transpose(1, 2).to(q.dtype)
+    return out, lse.view(b, h, sq_pad)[:, :, :sq]
 
 
 def _backward(q, k, v, out, lse, grad_out, grad_lse, mask: BlockSparseMask, scale: float):
     """dq, dk, dv by recomputation per group (fp32 math), including the LSE's gradient."""
-    r = _Runner(q, k, v, mask, scale, None)
-    b, h, d, sk = r.b, r.h, r.d, r.sk
-    sq_pad = r.qb * r.qbs
-    qf = _flat_bhsd(q.float(), sq_pad)
-    kf = _flat_bhsd(k.float(), sk)
-    vf = _flat_bhsd(v.float(), sk)
-    dof = _flat_bhsd(grad_out.float(), sq_pad)
-    of = _flat_bhsd(out.float(), sq_pad)
-    lse_f = torch.nn.functional.pad(lse.float(), (0, sq_pad - r.sq), value=float("-inf")).reshape(-1)
-    delta = (dof * of).sum(-1)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    qbs, kbs = mask.q_block_size, mask.kv_block_size
+    nqb, nkb = mask.num_q_blocks, mask.num_kv_blocks
+    groups = _work_groups(mask, b, h, q.device, allow_merge=False)
+    qf = _as_blocks(q.float(), qbs, nqb)
+    kf = _as_blocks(k.float(), kbs, nkb)
+    vf = _as_blocks(v.float(), kbs, nkb)
+    dof = _as_blocks(grad_out.float(), qbs, nqb)
+    of = _as_blocks(out.float(), qbs, nqb)
+    pad_q = nqb * qbs - sq
+    lse_f = torch.nn.functional.pad(lse.float(), (0, pad_q), value=float("-inf")).reshape(-1, qbs)
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i - dLSE_i (the LSE's own gradient enters here).
+    delta = (dof.view(-1, qbs, d) * of.view(-1, qbs, d)).sum(-1)
     if grad_lse is not None:
-        delta = delta - torch.nn.functional.pad(grad_lse.float(), (0, sq_pad - r.sq)).reshape(-1)
+        delta = delta - torch.nn.functional.pad(grad_lse.float(), (0, pad_q)).reshape(-1, qbs)
     dq = torch.zeros_like(qf)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
-    ar_q = torch.arange(r.qbs, device=q.device)
-    for grp in r.groups:
-        tok_all = _token_index(grp.kv_blocks, r.kbs, grp.keys).to(q.device)
-        for bh, qi, gi in r.chunks(grp, max(d, r.qbs)):
-            bh_d, qi_d, gi_d = bh.to(q.device), qi.to(q.device), gi.to(q.device)
-            kv_tok = tok_all[gi_d] + (bh_d * sk)[:, None]
-            q_tok = (bh_d * sq_pad + qi_d * r.qbs)[:, None] + ar_q
-            qc, kc, vc, doc = qf[q_tok], kf[kv_tok], vf[kv_tok], dof[q_tok]
-            s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    for grp in groups:
+        c = grp.width
+        per = max(1, _WORKSPACE_ELEMENTS // (grp.keys * max(d, qbs)))
+        for s in range(0, grp.q_blocks.shape[0], per):
+            q_ids = grp.q_blocks[s:s + per, 0]
+            kv_ids = grp.kv_blocks[s:s + per].reshape(-1)
+            n = q_ids.numel()
+            qc = qf.index_select(0, q_ids).view(n, qbs, d)
+            doc = dof.index_select(0, q_ids).view(n, qbs, d)
+            kc = kf.index_select(0, kv_ids).view(n, c * kbs, d)[:, : grp.keys]
+            vc = vf.index_select(0, kv_ids).view(n, c * kbs, d)[:, : grp.keys]
+            sc = torch.matmul(qc, kc.transpose(-1, -2)) * scale
             if grp.tile_ids is not None:
-                s = s + _tile_bias(mask, grp.tile_ids[gi], grp.keys, torch.float32, q.device)[:, 0]
-            l = lse_f[q_tok][..., None]
-            p = torch.exp(s - torch.where(torch.isneginf(l), torch.zeros_like(l), l))
-            p = torch.where(torch.isneginf(l), torch.zeros_like(p), p)
-            dv.index_add_(0, kv_tok.reshape(-1), torch.matmul(p.transpose(-1, -2), doc).reshape(-1, d))
+                sc = sc + _tile_bias(mask, grp.tile_ids[s:s + per], grp.keys, torch.float32, q.device)[:, 0]
+            l = lse_f.index_select(0, q_ids)[..., None]
+            empty = torch.isneginf(l)
+            p = torch.exp(sc - torch.where(empty, torch.zeros_like(l), l))
+            p = torch.where(empty, torch.zeros_like(p), p)
+            dv_c = torch.matmul(p.transpose(-1, -2), doc)
             dp = torch.matmul(doc, vc.transpose(-1, -2))
-            ds = p * (dp - delta[q_tok][..., None])
-            dq.index_copy_(0, q_tok.reshape(-1), (torch.matmul(ds, kc) * scale).reshape(-1, d))
-            dk.index_add_(0, kv_tok.reshape(-1), (torch.matmul(ds.transpose(-1, -2), qc) * scale).reshape(-1, d))
-
-    def unflat(x, s_pad, s):
-        return x.view(b, h, s_pad, d)[:, :, :s].transpose(1, 2)
-
-    return (unflat(dq, sq_pad, r.sq).to(q.dtype), unflat(dk, sk, sk).to(k.dtype), unflat(dv, sk, sk).to(v.dtype))
+            ds = p * (dp - delta.index_select(0, q_ids)[..., None])
+            dq.index_copy_(0, q_ids, (torch.matmul(ds, kc) * scale).view(n, qbs * d))
+            dk_c = torch.matmul(ds.transpose(-1, -2), qc) * scale
+            tail = c * kbs - grp.keys
+            if tail:
+                dv_c = torch.nn.functional.pad(dv_c, (0, 0, 0, tail))
+                dk_c = torch.nn.functional.pad(dk_c, (0, 0, 0, tail))
+            dv.index_add_(0, kv_ids, dv_c.reshape(n * c, kbs * d))
+            dk.index_add_(0, kv_ids, dk_c.reshape(n * c, kbs * d))
+    return (_from_blocks(dq, b, h, sq, d).to(q.dtype), _from_blocks(dk, b, h, sk, d).to(k.dtype),
+            _from_blocks(dv, b, h, sk, d).to(v.dtype))
 
 
 class _TorchBlockSparse(torch.autograd.Function):
