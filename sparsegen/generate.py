@@ -147,36 +147,52 @@ def write_video(frames: np.ndarray, path: str, fps: int) -> str:
     return path
 
 
+TOY_EXAMPLE_PROMPT = "two red circles moving right over a striped background"
+
+
 class _Model:
-    """A loaded pipeline plus how to call it (prompt encoding differs for the built-in model)."""
+    """A loaded pipeline plus how to call it (the built-in model takes prompt embeddings)."""
 
     def __init__(self, name: str, device: str, dtype: torch.dtype):
         self.name = name
         if name == "toy":
-            from . import toy
+            from .toy import pipeline as toy
 
             self.pipe = toy.load_pipeline(device=device, dtype=dtype)
-            self.defaults = dict(toy.DEFAULT_GENERATION)
+            self.defaults = {"prompt": TOY_EXAMPLE_PROMPT, "frames": toy.DEFAULT_NUM_FRAMES,
+                             "height": toy.DEFAULT_HEIGHT, "width": toy.DEFAULT_WIDTH,
+                             "steps": toy.DEFAULT_NUM_INFERENCE_STEPS, "guidance": toy.DEFAULT_GUIDANCE_SCALE,
+                             "fps": 8}
             self._toy = toy
         else:
             from diffusers import DiffusionPipeline
 
+            if not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise SystemExit(f"sparsegen generate: --model {name!r} is not a local folder and the hub is offline")
             self.pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype).to(device)
             self.defaults = {"prompt": "a cat walking through tall grass, cinematic", "frames": 33, "height": 480,
                              "width": 832, "steps": 30, "guidance": 5.0, "fps": 16}
             self._toy = None
+        self.pipe.set_progress_bar_config(disable=False, leave=False)
         self.device = device
 
     def __call__(self, *, prompt, negative_prompt, frames, height, width, steps, guidance, seed, callback):
-        kw = dict(num_frames=frames, height=height, width=width, num_inference_steps=steps,
+        if self._toy is not None:
+            if negative_prompt:
+                raise SystemExit("sparsegen generate: the built-in model has no negative prompts (its unconditional "
+                                 "input is the empty prompt); drop --negative-prompt")
+            try:
+                video = self._toy.generate(self.pipe, [prompt], seed=seed, num_frames=frames, height=height,
+                                           width=width, num_inference_steps=steps, guidance_scale=guidance,
+                                           callback_on_step_end=callback)
+            except ValueError as e:
+                raise SystemExit(f"sparsegen generate: {e}") from None
+            return video[0]
+        kw = dict(prompt=prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
                   guidance_scale=guidance, generator=torch.Generator(device="cpu").manual_seed(seed),
                   output_type="np", callback_on_step_end=callback)
-        if self._toy is not None:
-            kw.update(self._toy.prompt_kwargs(self.pipe, prompt, negative_prompt, guidance))
-        else:
-            kw["prompt"] = prompt
-            if negative_prompt is not None:
-                kw["negative_prompt"] = negative_prompt
+        if negative_prompt is not None:
+            kw["negative_prompt"] = negative_prompt
         out = self.pipe(**kw)
         frames_out = out.frames[0] if hasattr(out, "frames") else out[0][0]
         return np.asarray(frames_out, dtype=np.float32)
