@@ -61,6 +61,16 @@ def _norm_axes(name: str, cls_name: str, value, *, allow_none: bool = False, kin
     return value
 
 
+_AXIS_NAMES = ("frames", "height", "width")
+
+
+def _three_axes(value, frames_value):
+    """(frames, height, width) values of an int or a 2-/3-tuple; a 2-tuple gets ``frames_value``."""
+    if isinstance(value, (int, bool)):
+        return (value, value, value)
+    return (frames_value,) + tuple(value) if len(value) == 2 else tuple(value)
+
+
 @dataclass(frozen=True)
 class GNAConfig(MethodConfig):
     """Neighborhood attention options.
@@ -106,6 +116,15 @@ class GNAConfig(MethodConfig):
             object.__setattr__(self, f, v)
         if self.kv_tile is not None and self.tile is None:
             raise config_error(name, "kv_tile", self.kv_tile, "needs tile to be set too")
+        # Catch stride > kernel_size now rather than at the first generation; a 2-tuple
+        # kernel spans all frames, which only the geometry knows (checked in spec_for).
+        kernel3 = _three_axes(self.kernel_size, None)
+        stride3 = _three_axes(self.stride, 1)
+        for ax, (kk, ss) in enumerate(zip(kernel3, stride3)):
+            if kk is not None and ss > kk:
+                raise config_error(name, "stride", self.stride,
+                                   f"must not exceed kernel_size={self.kernel_size} on any axis ({_AXIS_NAMES[ax]}: "
+                                   f"stride {ss} > kernel {kk}); stride == kernel_size is blocked attention")
         b = self.block_size
         if isinstance(b, bool) or not isinstance(b, int) or b < 1 or b & (b - 1):
             raise config_error(name, "block_size", b, "must be a power of two (e.g. 64 or 128)")
@@ -117,16 +136,10 @@ class GNAConfig(MethodConfig):
             ValueError: the window does not fit the grid (says which axis and what to change).
         """
         grid = geometry.grid
-
-        def three(v, full_t):
-            if isinstance(v, (int, bool)):
-                return (v, v, v)
-            return (full_t,) + tuple(v) if len(v) == 2 else tuple(v)
-
-        k = list(three(self.kernel_size, grid[0]))
-        s = list(three(self.stride, 1))
-        d = list(three(self.dilation, 1))
-        c = list(three(self.is_causal, False))
+        k = list(_three_axes(self.kernel_size, grid[0]))
+        s = list(_three_axes(self.stride, 1))
+        d = list(_three_axes(self.dilation, 1))
+        c = list(_three_axes(self.is_causal, False))
         for ax in range(3):
             if grid[ax] == 1:  # a single position: its only neighborhood is itself
                 k[ax], s[ax], d[ax] = 1, 1, 1
