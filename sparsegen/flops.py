@@ -17,7 +17,9 @@ Wan2.1-1.3B (30 layers, d = 1536 = 12 heads x 128, f = 8960, 300 text tokens), b
 attention. MoBA-style attention with chunk size ``c`` and top-k costs the gating
 ``2 S d (S / c)`` plus Q K^T and P V over ``c k`` keys; VMoBA cycles layers through 7,
 40 and 60 blocks with ``k = 0.18 x blocks``: 40.48 T at 13,440 and 248.39 T at 56,160.
-``sparsegen flops --paper`` prints these next to the published values.
+``sparsegen flops --paper`` prints these next to the published values. Methods with a
+static mask are counted from the mask itself (every visited block in full), e.g.
+``sparsegen flops --latent 30,48,80 --method gna --options '{"kernel_size": [18, 24, 24], "stride": [16, 8, 8]}'``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ __all__ = [
     "vmoba_attention_flops",
     "mask_attention_flops",
     "transformer_flops",
+    "method_mask",
+    "method_transformer_flops",
     "add_cli",
 ]
 
@@ -122,7 +126,9 @@ def mask_attention_flops(mask: BlockSparseMask, *, head_dim: int, heads: Optiona
             (default: the mask's own sizes).
         count: ``"computed"``: every visited block in full (what a block-sparse kernel
             does; ragged last blocks count their real tokens); ``"attended"``: only the
-            token pairs the mask allows (partial blocks count their tile).
+            token pairs the mask allows (partial blocks count their tile). A mask over a
+            padded token order cannot tell padding rows of full blocks from real ones:
+            count those from the method (:func:`method_transformer_flops` does).
 
     Returns:
         FLOPs = 4 x D x (token pairs).
@@ -210,7 +216,62 @@ def vmoba_transformer_flops(spec: TransformerSpec, num_tokens: int, *, blocks: S
         num_tokens, spec.dim, layer=layer, blocks=blocks, topk_ratio=topk_ratio))
 
 
+def _static_method(config, geometry):
+    from .methods import get_method
+
+    _, method_cls = get_method(config.method)
+    method = method_cls(config)
+    if not hasattr(method, "mask_for"):
+        raise ValueError(f"method {config.method!r} has no static mask to count (it selects blocks per call); "
+                         "use --method vmoba for VMoBA's theoretical FLOPs")
+    method.check_geometry(geometry)
+    return method
+
+
+def method_mask(config, geometry) -> BlockSparseMask:
+    """The static block mask a method uses for one token grid.
+
+    Args:
+        config: a method config (e.g. ``RadialConfig(decay_factor=0.2)``,
+            ``GNAConfig(kernel_size=(18, 24, 24), stride=(16, 8, 8))``).
+        geometry: an :class:`~sparsegen.methods.AttentionGeometry` (frames, height, width).
+
+    Returns:
+        the method's mask (GNA's is over its tiled, padded token order).
+
+    Raises:
+        ValueError: the method builds its sparsity per call (VMoBA, whose FLOPs are
+            :func:`vmoba_attention_flops`) or cannot serve the geometry.
+    """
+    return _static_method(config, geometry).mask_for(geometry)
+
+
+def method_transformer_flops(spec: TransformerSpec, config, geometry) -> dict:
+    """Whole-model FLOPs with every self-attention layer restricted to a method's static mask.
+
+    Returns:
+        :func:`transformer_flops` parts plus ``density`` (visited blocks / all blocks),
+        ``attended_self_attention`` (FLOPs of the token pairs the mask allows, summed
+        over layers) and ``method``. ``self_attention`` counts every visited block in
+        full, padding included: what a block-sparse kernel computes.
+    """
+    method = _static_method(config, geometry)
+    mask = method.mask_for(geometry)
+    per_layer = mask_attention_flops(mask, head_dim=spec.head_dim, heads=spec.heads, batch=1)
+    if hasattr(method, "attended_pairs"):
+        # Masks over a padded token order (GNA's tiles) know the real pairs better than the mask does.
+        attended = 4.0 * spec.head_dim * spec.heads * method.attended_pairs(geometry)
+    else:
+        attended = mask_attention_flops(mask, head_dim=spec.head_dim, heads=spec.heads, batch=1, count="attended")
+    out = transformer_flops(spec, geometry.num_tokens, self_attention=per_layer)
+    out.update(method=config.method, density=mask.density(), attended_self_attention=attended * spec.num_layers)
+    return out
+
+
 # ------------------------------------------------------------------------------ CLI
+_MASK_METHODS = ("radial", "gna")
+
+
 def add_cli(subparsers) -> None:
     """Add ``sparsegen flops``."""
     p = subparsers.add_parser(
@@ -221,8 +282,12 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", default="wan2.1-1.3b", choices=sorted(MODELS), help="model sizes (default wan2.1-1.3b)")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="video token counts S")
     p.add_argument("--latent", default=None, help="latent grid T,H,W after patchify (tokens = T*H*W)")
-    p.add_argument("--method", default="all", choices=["all", "full", "vmoba", "sparse"],
-                   help="attention to count: full, vmoba, sparse (--density of a block-sparse mask) or all")
+    p.add_argument("--method", default="all", choices=["all", "full", "vmoba", "sparse", *_MASK_METHODS],
+                   help="attention to count: full, vmoba, sparse (--density of a block-sparse mask), all, or a "
+                        "method whose static mask is built for --latent (radial, gna; options via --options)")
+    p.add_argument("--options", default="{}",
+                   help="JSON object of the method's config fields for --method radial/gna, e.g. "
+                        "'{\"kernel_size\": [18, 24, 24], \"stride\": [16, 8, 8]}'")
     p.add_argument("--blocks", default=",".join(str(b) for b in VMOBA_FLOPS_BLOCKS),
                    help="VMoBA blocks per layer kind 1D,2D,3D (default 7,40,60)")
     p.add_argument("--topk-ratio", type=float, default=VMOBA_FLOPS_TOPK_RATIO,
@@ -257,6 +322,8 @@ def _run_cli(args: argparse.Namespace) -> int:
                     print(f"  {r['method']:>5} S={r['tokens']:>6}: {r['tflops']:8.2f} T  published "
                           f"{r['published_tflops']:8.2f} T  ({100 * r['rel_diff']:+.2f}%)")
             return 0
+        if args.method in _MASK_METHODS:
+            return _run_method_cli(args, spec)
         tokens = list(args.tokens or [])
         if args.latent:
             t, h, w = (int(x) for x in args.latent.split(","))
@@ -291,4 +358,43 @@ def _run_cli(args: argparse.Namespace) -> int:
             if key in r:
                 parts.append(f"{key} {r[key] / TERA:.2f} T ({r['full'] / r[key]:.2f}x fewer)")
         print(f"{spec.name}: " + ", ".join(parts))
+    return 0
+
+
+def _latent(text: Optional[str]) -> tuple[int, int, int]:
+    try:
+        t, h, w = (int(x) for x in text.split(","))
+    except (AttributeError, ValueError):
+        raise ValueError(f"--latent must be three comma-separated ints T,H,W (tokens after patchify), got {text!r}") \
+            from None
+    return t, h, w
+
+
+def _run_method_cli(args: argparse.Namespace, spec: TransformerSpec) -> int:
+    """``sparsegen flops --method radial|gna --latent T,H,W --options JSON``."""
+    from .methods import AttentionGeometry, get_method
+
+    if args.latent is None:
+        raise ValueError(f"--method {args.method} builds the method's mask for a token grid: give --latent T,H,W")
+    geometry = AttentionGeometry(*_latent(args.latent))
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--options must be a JSON object, got {args.options!r} ({e.msg})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    cfg_cls, _ = get_method(args.method)
+    config = cfg_cls.from_dict({"method": args.method, **options})
+    res = method_transformer_flops(spec, config, geometry)
+    full = transformer_flops(spec, geometry.num_tokens)["total"]
+    row = {"tokens": geometry.num_tokens, "latent": list(geometry.grid), "full": full, args.method: res["total"],
+           "density": res["density"], "self_attention": res["self_attention"],
+           "attended_self_attention": res["attended_self_attention"], "config": config.to_dict()}
+    if args.json:
+        print(json.dumps({"model": asdict(spec), "rows": [row]}))
+        return 0
+    print(f"{spec.name}: S={row['tokens']} (latent {args.latent}), full {full / TERA:.2f} T, {args.method} "
+          f"{res['total'] / TERA:.2f} T ({full / res['total']:.2f}x fewer); mask density {res['density']:.4f}, "
+          f"self-attention {res['self_attention'] / TERA:.2f} T computed, "
+          f"{res['attended_self_attention'] / TERA:.2f} T attended")
     return 0

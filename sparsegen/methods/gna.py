@@ -166,6 +166,18 @@ class GNAMethod(SparseAttentionMethod):
 
         return self.cached(("gna_layout", geometry, str(dev)), build)
 
+    def mask_for(self, geometry: AttentionGeometry, device="cpu"):
+        """The block mask over *tiled* tokens used for ``geometry`` (see :meth:`layout_for`)."""
+        return self.layout_for(geometry, device).mask
+
+    def attended_pairs(self, geometry: AttentionGeometry) -> int:
+        """(query, key) token pairs the neighborhood attends, per batch element and head.
+
+        Counted from the definition, not from the tiled mask: padding query rows of full
+        blocks are computed but attend nothing real.
+        """
+        return self.layout_for(geometry).attended_pairs
+
     def check_geometry(self, geometry: AttentionGeometry) -> None:
         self.config.spec_for(geometry)
 
