@@ -518,11 +518,11 @@ def neighborhood_attention(
 
 
 def mask_report_text(stats: dict, chosen: bool) -> str:
-    how = "chosen automatically (least wasted work)" if chosen else "given"
+    how = "chosen automatically for the least wasted work" if chosen else "given"
     return (
         f"GNA grid={tuple(stats['grid'])} kernel={tuple(stats['kernel_size'])} stride={tuple(stats['stride'])} "
         f"dilation={tuple(stats['dilation'])} causal={tuple(stats['is_causal'])}\n"
-        f"  tile q={tuple(stats['tile'])} kv={tuple(stats['kv_tile'])} ({how}); blocks "
+        f"  tile q={tuple(stats['tile'])} kv={tuple(stats['kv_tile'])}, {how}; blocks "
         f"({stats['q_block_size']}, {stats['kv_block_size']})\n"
         f"  density {stats['density']:.4f} (token density {stats['token_density']:.4f}); "
         f"{stats['full_blocks']} full blocks, {stats['partial_blocks']} partial blocks\n"

@@ -315,13 +315,13 @@ def test_cli_text_png_and_errors(capsys, tmp_path):
     rc, out, _ = _cli(["--grid", "9,11", "--kernel", "4,5", "--stride", "2,3", "--causal", "0,1", "--png", str(png)],
                       capsys)
     assert rc == 0
-    assert "chosen automatically (least wasted work)" in out and "partial blocks" in out and "speedup bound" in out
+    assert "chosen automatically for the least wasted work" in out and "partial blocks" in out and "speedup bound" in out
     from PIL import Image
 
     with Image.open(png) as img:
         assert img.size[0] > 0
     rc, out, _ = _cli(["--grid", "9,11", "--kernel", "3", "--tile", "2,4"], capsys)
-    assert rc == 0 and "tile q=(2, 4) kv=(2, 4) (given)" in out
+    assert rc == 0 and "tile q=(2, 4) kv=(2, 4), given;" in out
     rc, _, err = _cli(["--grid", "9,11", "--kernel", "3,3,3"], capsys)
     assert rc == 2 and "--kernel has 3 values but --grid has 2 axes; give 1 or 2" in err
     rc, _, err = _cli(["--grid", "9,11", "--kernel", "10"], capsys)
