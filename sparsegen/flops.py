@@ -326,11 +326,14 @@ def _run_cli(args: argparse.Namespace) -> int:
             return _run_method_cli(args, spec)
         tokens = list(args.tokens or [])
         if args.latent:
-            t, h, w = (int(x) for x in args.latent.split(","))
+            t, h, w = _latent(args.latent)
             tokens.append(t * h * w)
         if not tokens:
             raise ValueError("give --tokens S [S ...], --latent T,H,W or --paper")
-        blocks = tuple(float(x) for x in args.blocks.split(","))
+        try:
+            blocks = tuple(float(x) for x in args.blocks.split(","))
+        except ValueError:
+            raise ValueError(f"--blocks must be comma-separated numbers like 7,40,60, got {args.blocks!r}") from None
         if args.method == "sparse" and args.density is None:
             raise ValueError("--method sparse needs --density (e.g. the density `sparsegen mask ...` prints)")
         if args.density is not None and not 0 < args.density <= 1:

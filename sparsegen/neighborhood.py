@@ -487,6 +487,7 @@ def neighborhood_attention(
 
     Returns:
         out (batch, prod(grid), heads, head_dim), and the LSE with ``return_lse``.
+        Differentiable in q, k and v on the ``torch`` and ``triton`` backends.
 
     Raises:
         ValueError: q's sequence length is not ``prod(grid)``, or invalid neighborhood

@@ -174,6 +174,8 @@ def test_cli_errors(capsys):
         (["--method", "sparse", "--tokens", "100"], "--method sparse needs --density"),
         (["--tokens", "100", "--density", "1.5"], "--density must be in (0, 1], got 1.5"),
         ([], "give --tokens S [S ...], --latent T,H,W or --paper"),
+        (["--latent", "21,30"], "--latent must be three comma-separated ints T,H,W"),
+        (["--tokens", "100", "--blocks", "7,x"], "--blocks must be comma-separated numbers like 7,40,60"),
         (["--method", "gna"], "--method gna builds the method's mask for a token grid: give --latent T,H,W"),
         (["--method", "gna", "--latent", "5,8"], "--latent must be three comma-separated ints"),
         (["--method", "radial", "--latent", "5,8,8", "--options", "[1]"], "--options must be a JSON object"),
