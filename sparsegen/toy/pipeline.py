@@ -1,0 +1,226 @@
+"""Build and load the toy model as a real ``diffusers.WanPipeline``, fully offline.
+
+Shipped files (``sparsegen/assets/toy_wan``)::
+
+    transformer/      WanTransformer3DModel config + fp16 safetensors (EMA weights)
+    prompt_encoder/   ToyPromptEncoder config + safetensors
+    vae/config.json   PixelShuffleVideoCodec config (scale factors, latent statistics)
+    scheduler/        UniPCMultistepScheduler config (flow matching, shift FLOW_SHIFT)
+    README.md         model card; loss_curve.png; training_summary.json
+
+Example::
+
+    >>> import sparsegen.toy as toy
+    >>> pipe = toy.load_pipeline()
+    >>> video = toy.generate(pipe, ["a red circle moving right over a striped background"], seed=0)
+    >>> video.shape   # (B, F, H, W, 3), float32 in [0, 1]
+    (1, 17, 64, 64, 3)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+from .codec import PixelShuffleVideoCodec
+from .text import ToyPromptEncoder
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_wan"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+MAX_WEIGHTS_BYTES = 20 * 1024 * 1024  # shipped transformer weights must stay below this
+
+# Default generation settings (the training size; see the model card).
+DEFAULT_NUM_FRAMES = 17  # 5 latent frames of 8 x 8 tokens = 320 video tokens
+DEFAULT_HEIGHT = 64
+DEFAULT_WIDTH = 64
+DEFAULT_NUM_INFERENCE_STEPS = 20
+DEFAULT_GUIDANCE_SCALE = 4.0
+FLOW_SHIFT = 3.0  # sigma shift used both to sample training noise levels and at inference
+
+SPATIAL_FACTOR = 4  # codec: 4 x 4 pixels per latent cell
+TEMPORAL_FACTOR = 4  # codec: 4 frames per latent frame (after the first)
+TEXT_DIM = 64
+
+# diffusers' own Wan transformer at small size. Token grid at the default size:
+# 5 latent frames x (16 / 2) x (16 / 2) = 320 tokens; head_dim 32 splits into
+# rotary dims t = 12, h = 10, w = 10.
+TRANSFORMER_CONFIG: dict = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=6,
+    attention_head_dim=32,
+    in_channels=3 * TEMPORAL_FACTOR * SPATIAL_FACTOR**2,
+    out_channels=3 * TEMPORAL_FACTOR * SPATIAL_FACTOR**2,
+    text_dim=TEXT_DIM,
+    freq_dim=64,
+    ffn_dim=576,
+    num_layers=6,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+    pos_embed_seq_len=None,
+)
+PROMPT_ENCODER_CONFIG: dict = dict(text_dim=TEXT_DIM, num_heads=2)
+
+
+def make_scheduler() -> UniPCMultistepScheduler:
+    """The flow-matching UniPC solver Wan ships with, at this model's shift."""
+    return UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=FLOW_SHIFT,
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="linspace",
+    )
+
+
+def new_transformer(seed: int = 0) -> WanTransformer3DModel:
+    """Untrained transformer with the shipped architecture (diffusers' default init)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**TRANSFORMER_CONFIG)
+
+
+def new_prompt_encoder(seed: int = 0) -> ToyPromptEncoder:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return ToyPromptEncoder(**PROMPT_ENCODER_CONFIG)
+
+
+def _asset_dir(path) -> Path:
+    path = ASSET_DIR if path is None else Path(path)
+    if not (path / "transformer" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no toy model at {str(path)!r} (expected transformer/config.json there); "
+            "train one with `python evals/train_toy.py` or pass the directory that holds it"
+        )
+    return path
+
+
+def load_transformer(path=None, *, device="cpu", dtype: torch.dtype = torch.float32) -> WanTransformer3DModel:
+    """The trained WanTransformer3DModel from ``path`` (default: the shipped assets)."""
+    model = WanTransformer3DModel.from_pretrained(_asset_dir(path) / "transformer", torch_dtype=dtype, local_files_only=True)
+    return model.to(device).eval()
+
+
+def load_prompt_encoder(path=None, *, device="cpu") -> ToyPromptEncoder:
+    model = ToyPromptEncoder.from_pretrained(_asset_dir(path) / "prompt_encoder", local_files_only=True)
+    return model.to(device).eval()
+
+
+def load_codec(path=None) -> PixelShuffleVideoCodec:
+    config = json.loads((_asset_dir(path) / "vae" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return PixelShuffleVideoCodec(**config).eval()
+
+
+def build_pipeline(transformer, codec, prompt_encoder=None, scheduler=None) -> WanPipeline:
+    """Assemble a WanPipeline from parts (no text encoder: prompts go through
+    ``encode_prompt``). The prompt encoder rides along as ``pipe.toy_prompt_encoder``."""
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=codec, scheduler=scheduler or make_scheduler(), transformer=transformer
+    )
+    pipe.toy_prompt_encoder = prompt_encoder
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(device="cpu", dtype: torch.dtype = torch.float32, path=None) -> WanPipeline:
+    """The shipped toy model as a ``diffusers.WanPipeline``, built offline.
+
+    Args:
+        device: where the transformer and codec run.
+        dtype: transformer dtype (weights are stored in fp16 and cast).
+        path: an asset directory laid out like ``sparsegen/assets/toy_wan``; default
+            the shipped one.
+
+    Raises:
+        FileNotFoundError: if ``path`` holds no toy model.
+    """
+    path = _asset_dir(path)
+    transformer = load_transformer(path, device=device, dtype=dtype)
+    codec = load_codec(path).to(device)
+    scheduler = UniPCMultistepScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+    return build_pipeline(transformer, codec, load_prompt_encoder(path), scheduler)
+
+
+def encode_prompt(pipe_or_none, prompts: list[str]) -> torch.Tensor:
+    """Prompts of the toy grammar -> ``prompt_embeds`` (B, MAX_PROMPT_TOKENS, TEXT_DIM).
+
+    Uses ``pipe.toy_prompt_encoder`` when a pipeline from ``load_pipeline`` is given
+    (and returns embeddings on its transformer's device and dtype), else the shipped
+    encoder on CPU in float32. The empty prompt "" is the unconditional input (pass it
+    as ``negative_prompt_embeds``).
+
+    Raises:
+        TypeError: if ``prompts`` is not a list of str.
+        ValueError: if a prompt uses words outside the toy vocabulary.
+    """
+    encoder = getattr(pipe_or_none, "toy_prompt_encoder", None) if pipe_or_none is not None else None
+    if encoder is None:
+        if pipe_or_none is not None and not isinstance(pipe_or_none, WanPipeline):
+            raise TypeError(f"pipe_or_none must be a WanPipeline from load_pipeline or None, got {type(pipe_or_none).__name__}")
+        encoder = load_prompt_encoder()
+    with torch.no_grad():
+        embeds = encoder.encode(list(prompts) if isinstance(prompts, tuple) else prompts)
+    if pipe_or_none is not None and getattr(pipe_or_none, "transformer", None) is not None:
+        embeds = embeds.to(device=pipe_or_none.transformer.device, dtype=pipe_or_none.transformer.dtype)
+    return embeds
+
+
+def generate(
+    pipe: WanPipeline,
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    height: int = DEFAULT_HEIGHT,
+    width: int = DEFAULT_WIDTH,
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    **pipe_kwargs,
+) -> np.ndarray:
+    """Run ``pipe`` on toy prompts; returns frames (B, F, H, W, 3) float32 in [0, 1].
+
+    The noise of prompt ``i`` comes from ``torch.Generator().manual_seed(seed + i)``, so
+    a prompt's video does not depend on the other prompts in the batch.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of str; wrap a single prompt in a list")
+    embeds = encode_prompt(pipe, prompts)
+    negative = encode_prompt(pipe, [""] * len(prompts)) if guidance_scale > 1.0 else None
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    # Draw the initial noise on CPU so a seed gives the same video on every device.
+    latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    shape = (
+        pipe.transformer.config.in_channels,
+        latent_frames,
+        height // pipe.vae_scale_factor_spatial,
+        width // pipe.vae_scale_factor_spatial,
+    )
+    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(pipe.transformer.device)
+    out = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        latents=latents,
+        output_type="np",
+        **pipe_kwargs,
+    )
+    return np.asarray(out.frames, dtype=np.float32)
+

@@ -1,0 +1,345 @@
+"""Train the toy Wan model with flow matching on procedural videos, on CPU.
+
+Rectified flow, as diffusers' flow-matching schedulers expect: for clean latents
+``x0``, noise ``n`` and noise level ``sigma`` in (0, 1),
+
+    x_sigma = (1 - sigma) * x0 + sigma * n,    target velocity  v = n - x0,
+
+and the transformer gets ``timestep = 1000 * sigma``. Noise levels are drawn as
+``sigma = shift(u)``, ``u ~ U(0, 1)``, with the same shift (FLOW_SHIFT) the
+inference scheduler uses. The prompt encoder trains jointly; with probability
+``uncond_probability`` a prompt is replaced by "" so classifier-free guidance works.
+
+Every random draw is a function of (config.seed, step), so a run resumed from a
+checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import pipeline as toy_pipeline
+from .codec import PixelShuffleVideoCodec
+from .data import SEED_RANGE_SIZE, SEED_RANGES, render_batch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.jsonl"
+NUM_VALIDATION_VIDEOS = 32
+NUM_STATISTICS_VIDEOS = 256
+# Validation noise levels: fixed quantiles of the training distribution, so the
+# validation loss estimates the training objective with low variance.
+NUM_VALIDATION_LEVELS = 8
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved with the model)."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    learning_rate: float = 5e-4
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1  # cosine decay ends at this fraction of the peak
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.998
+    uncond_probability: float = 0.1
+    seed: int = 0
+    num_frames: int = toy_pipeline.DEFAULT_NUM_FRAMES
+    height: int = toy_pipeline.DEFAULT_HEIGHT
+    width: int = toy_pipeline.DEFAULT_WIDTH
+    validate_every: int = 100
+    log_every: int = 10
+    checkpoint_minutes: float = 5.0
+    threads: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "validate_every", "log_every", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.steps * self.batch_size >= SEED_RANGE_SIZE:
+            raise ValueError(f"steps * batch_size = {self.steps * self.batch_size} exceeds the training seed range")
+        if not 0.0 <= self.uncond_probability < 1.0:
+            raise ValueError(f"uncond_probability={self.uncond_probability} must be in [0, 1)")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
+
+
+def shifted_sigma(u: torch.Tensor, shift: float = toy_pipeline.FLOW_SHIFT) -> torch.Tensor:
+    """Map u in [0, 1] to a noise level with the flow-matching time shift."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def measure_latent_statistics(config: TrainConfig) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of raw codec latents over NUM_STATISTICS_VIDEOS videos.
+
+    The codec's channels are (colour, frame, row, col) rearrangements of pixels, so the
+    statistics are those of the three colour channels, repeated over each colour's block.
+    """
+    seeds = range(SEED_RANGES["statistics"], SEED_RANGES["statistics"] + NUM_STATISTICS_VIDEOS)
+    video, _, _ = render_batch(seeds, num_frames=config.num_frames, height=config.height, width=config.width)
+    per_colour_mean = video.mean(dim=(0, 2, 3, 4))
+    per_colour_std = video.std(dim=(0, 2, 3, 4))
+    block = toy_pipeline.TEMPORAL_FACTOR * toy_pipeline.SPATIAL_FACTOR**2
+    mean = per_colour_mean.repeat_interleave(block).tolist()
+    std = per_colour_std.repeat_interleave(block).tolist()
+    return mean, std
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return config.learning_rate * (config.final_lr_fraction + (1.0 - config.final_lr_fraction) * cosine)
+
+
+def flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigma, noise):
+    """Mean squared error of the predicted velocity.
+
+    Args:
+        videos: (B, 3, F, H, W) in [-1, 1]; prompts: B strings; sigma: (B,) in (0, 1);
+        noise: (B, z_dim, T, H/s, W/s) standard normal.
+    """
+    x0 = codec.video_to_latents(videos)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    noisy = (1.0 - s) * x0 + s * noise
+    embeds = prompt_encoder.encode(prompts)
+    velocity = transformer(noisy, sigma * 1000.0, embeds, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(velocity.float(), (noise - x0).float())
+
+
+class _Validation:
+    """A fixed validation batch: videos, noise and noise levels drawn once."""
+
+    def __init__(self, config: TrainConfig, codec: PixelShuffleVideoCodec):
+        seeds = range(SEED_RANGES["validation"], SEED_RANGES["validation"] + NUM_VALIDATION_VIDEOS)
+        self.videos, self.prompts, _ = render_batch(seeds, num_frames=config.num_frames, height=config.height, width=config.width)
+        generator = torch.Generator().manual_seed(config.seed + 12345)
+        latent_shape = codec.pack(self.videos[:1]).shape[1:]
+        self.noise = torch.randn((NUM_VALIDATION_VIDEOS, *latent_shape), generator=generator)
+        levels = (torch.arange(NUM_VALIDATION_LEVELS) + 0.5) / NUM_VALIDATION_LEVELS
+        self.sigma = shifted_sigma(levels.repeat(NUM_VALIDATION_VIDEOS // NUM_VALIDATION_LEVELS + 1)[:NUM_VALIDATION_VIDEOS])
+
+    @torch.no_grad()
+    def loss(self, transformer, prompt_encoder, codec, chunk: int = 8) -> float:
+        total = 0.0
+        for start in range(0, NUM_VALIDATION_VIDEOS, chunk):
+            sl = slice(start, min(start + chunk, NUM_VALIDATION_VIDEOS))
+            loss = flow_matching_loss(transformer, prompt_encoder, codec, self.videos[sl], self.prompts[sl], self.sigma[sl], self.noise[sl])
+            total += loss.item() * (sl.stop - sl.start)
+        return total / NUM_VALIDATION_VIDEOS
+
+
+def _ema_update(ema_module, module, decay):
+    with torch.no_grad():
+        for e, p in zip(ema_module.parameters(), module.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def _save_atomic(obj, path: Path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, command: str | None = None, benchmark_steps: int | None = None) -> dict:
+    """Train and export the toy model.
+
+    Args:
+        config: the run's settings.
+        out_dir: where the final assets go (layout of ``sparsegen/assets/toy_wan``).
+        run_dir: checkpoint and JSONL log.
+        resume: continue from ``run_dir/checkpoint.pt`` if it exists.
+        command: the command line to record in the summary.
+        benchmark_steps: if given, run only that many steps, print the throughput and
+            return without writing anything.
+
+    Returns:
+        the training summary (also written to ``out_dir/training_summary.json``).
+    """
+    torch.set_num_threads(config.threads)
+    out_dir, run_dir = Path(out_dir), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+
+    state = torch.load(checkpoint_path, weights_only=False) if resume and checkpoint_path.is_file() else None
+    if state is not None:
+        saved = TrainConfig(**state["config"])
+        if dataclasses.asdict(saved) != dataclasses.asdict(config):
+            raise ValueError(f"checkpoint {checkpoint_path} was made with a different config: {saved} vs {config}")
+        mean, std = state["latents_mean"], state["latents_std"]
+    else:
+        mean, std = measure_latent_statistics(config)
+    codec = PixelShuffleVideoCodec(
+        scale_factor_spatial=toy_pipeline.SPATIAL_FACTOR,
+        scale_factor_temporal=toy_pipeline.TEMPORAL_FACTOR,
+        latents_mean=mean,
+        latents_std=std,
+    )
+    transformer = toy_pipeline.new_transformer(config.seed).train()
+    prompt_encoder = toy_pipeline.new_prompt_encoder(config.seed).train()
+    ema_transformer = copy.deepcopy(transformer).eval().requires_grad_(False)
+    ema_encoder = copy.deepcopy(prompt_encoder).eval().requires_grad_(False)
+    params = list(transformer.parameters()) + list(prompt_encoder.parameters())
+    # No weight decay on norms, biases, embeddings' modulation tables (1-D parameters).
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+        betas=(0.9, 0.99),
+    )
+    history = {"train": [], "validation": []}
+    start_step, elapsed = 0, 0.0
+    if state is not None:
+        transformer.load_state_dict(state["transformer"])
+        prompt_encoder.load_state_dict(state["prompt_encoder"])
+        ema_transformer.load_state_dict(state["ema_transformer"])
+        ema_encoder.load_state_dict(state["ema_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start_step, elapsed = state["history"], state["step"], state["elapsed_seconds"]
+        print(f"resumed at step {start_step} ({elapsed / 60:.1f} min of training so far)", flush=True)
+
+    validation = _Validation(config, codec) if benchmark_steps is None else None
+    num_params = sum(p.numel() for p in transformer.parameters())
+    log = open(run_dir / LOG_NAME, "a") if benchmark_steps is None else None
+    last_checkpoint = time.monotonic()
+    session_start = time.monotonic()
+    end_step = config.steps if benchmark_steps is None else min(config.steps, start_step + benchmark_steps)
+    tic = time.monotonic()
+    for step in range(start_step, end_step):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        rng = np.random.default_rng([config.seed, step])
+        seeds = range(SEED_RANGES["train"] + step * config.batch_size, SEED_RANGES["train"] + (step + 1) * config.batch_size)
+        videos, prompts, _ = render_batch(seeds, num_frames=config.num_frames, height=config.height, width=config.width)
+        prompts = ["" if rng.random() < config.uncond_probability else p for p in prompts]
+        sigma = shifted_sigma(torch.rand(config.batch_size, generator=generator))
+        noise = torch.randn(codec.pack(videos).shape, generator=generator)
+
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        loss = flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigma, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        # EMA with a warm-up, so early weights do not dominate a short run.
+        ema = min(config.ema_decay, (1.0 + step) / (10.0 + step))
+        _ema_update(ema_transformer, transformer, ema)
+        _ema_update(ema_encoder, prompt_encoder, ema)
+
+        now = time.monotonic()
+        done = step + 1
+        history["train"].append([done, loss.item()])
+        if benchmark_steps is not None:
+            continue
+        if done % config.log_every == 0 or done == config.steps:
+            record = {
+                "step": done, "loss": round(loss.item(), 5), "grad_norm": round(float(grad_norm), 4),
+                "lr": learning_rate(config, step), "elapsed_min": round((elapsed + now - session_start) / 60, 2),
+            }
+            if done % config.validate_every == 0 or done == config.steps:
+                record["val_loss_ema"] = round(validation.loss(ema_transformer, ema_encoder, codec), 5)
+                history["validation"].append([done, record["val_loss_ema"]])
+            print(json.dumps(record), flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if now - last_checkpoint > config.checkpoint_minutes * 60 or done == config.steps:
+            _save_atomic(
+                {
+                    "config": dataclasses.asdict(config), "step": done, "history": history,
+                    "elapsed_seconds": elapsed + time.monotonic() - session_start,
+                    "latents_mean": mean, "latents_std": std,
+                    "transformer": transformer.state_dict(), "prompt_encoder": prompt_encoder.state_dict(),
+                    "ema_transformer": ema_transformer.state_dict(), "ema_encoder": ema_encoder.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                },
+                checkpoint_path,
+            )
+            last_checkpoint = time.monotonic()
+
+    if benchmark_steps is not None:
+        seconds = (time.monotonic() - tic) / max(1, end_step - start_step)
+        result = {"seconds_per_step": seconds, "samples_per_second": config.batch_size / seconds,
+                  "transformer_parameters": num_params,
+                  "projected_minutes": seconds * config.steps / 60}
+        print(json.dumps(result), flush=True)
+        return result
+
+    elapsed += time.monotonic() - session_start
+    summary = {
+        "command": command,
+        "config": dataclasses.asdict(config),
+        "steps_done": end_step,
+        "training_wall_minutes": round(elapsed / 60, 2),
+        "transformer_parameters": num_params,
+        "prompt_encoder_parameters": sum(p.numel() for p in prompt_encoder.parameters()),
+        "final_train_loss_mean_last_100": float(np.mean([l for _, l in history["train"][-100:]])),
+        "final_validation_loss_ema": history["validation"][-1][1] if history["validation"] else None,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {config.threads} threads",
+        "python": sys.version.split()[0],
+    }
+    export(out_dir, ema_transformer, ema_encoder, codec, history, summary)
+    return summary
+
+
+def export(out_dir, transformer, prompt_encoder, codec, history, summary):
+    """Write the asset directory: fp16 transformer, prompt encoder, codec and scheduler
+    configs, training summary and loss curve."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(transformer).to(torch.float16).save_pretrained(out_dir / "transformer", safe_serialization=True)
+    prompt_encoder.save_pretrained(out_dir / "prompt_encoder", safe_serialization=True)
+    codec.save_config(out_dir / "vae")
+    toy_pipeline.make_scheduler().save_pretrained(out_dir / "scheduler")
+    (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "loss_history.json").write_text(json.dumps(_downsample_history(history)) + "\n")
+    plot_loss_curve(history, out_dir / "loss_curve.png", title=f"toy Wan, {summary['training_wall_minutes']} min on CPU")
+
+
+def _downsample_history(history, every: int = 10):
+    """Train loss averaged over windows of ``every`` steps; validation kept as is."""
+    train = history["train"]
+    windows = [train[i : i + every] for i in range(0, len(train), every)]
+    return {
+        "train": [[w[-1][0], float(np.mean([l for _, l in w]))] for w in windows],
+        "validation": history["validation"],
+    }
+
+
+def plot_loss_curve(history, path, *, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    down = _downsample_history(history)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    steps, losses = zip(*down["train"])
+    ax.plot(steps, losses, lw=1, label="train loss (mean of 10 steps)")
+    if down["validation"]:
+        vsteps, vlosses = zip(*down["validation"])
+        ax.plot(vsteps, vlosses, "o-", ms=3, label="validation loss, EMA weights")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching MSE (velocity)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
