@@ -5,8 +5,10 @@ Three ``torch.library`` custom ops wrap the launchers of :mod:`.triton_attention
 * ``sparsegen::bsa_fwd(q, k, v, <layout>) -> (out, lse)``, differentiable (its
   backward calls ``sparsegen::bsa_bwd``, which also takes the gradient of ``lse``);
 * ``sparsegen::bsa_bwd(...) -> (dq, dk, dv)``;
-* ``sparsegen::bsa_fwd_quant(q, k, v, <layout>, quant_json) -> (out, lse)``, INT8
-  inference (quantizes with :func:`.quant.quantize_qk` / :func:`.quant.quantize_v`).
+* ``sparsegen::bsa_fwd_quant(q, k, v, <layout>, <QuantConfig fields>) -> (out, lse)``,
+  INT8 inference (quantizes with :func:`.quant.quantize_qk` / :func:`.quant.quantize_v`).
+  The config enters as its fields (strings, ints, a bool): Dynamo traces attribute
+  reads of the frozen config, but not ``json.dumps``.
 
 Each has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces a
 model calling ``block_sparse_attention(..., backend="triton")`` as one opaque node per
@@ -162,16 +164,19 @@ bsa_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 def bsa_fwd_quant(
     q: Tensor, k: Tensor, v: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor, tile_ids: Optional[Tensor], tiles: Optional[Tensor],
-    q_block_size: int, kv_block_size: int, scale: float, quant: str,
+    q_block_size: int, kv_block_size: int, scale: float,
+    qk_format: str, pv_format: str, quant_q_block: int, quant_k_block: int, smooth_k: bool, p_scale_inv: int,
 ) -> tuple[Tensor, Tensor]:
     """Quantized block-sparse attention forward (inference only).
 
-    q: (B, Sq, H, D); k, v: (B, Sk, H, D); ``quant`` is ``QuantConfig.to_json()``.
-    Returns out (B, Sq, H, D) in q's dtype and lse fp32 (B, H, Sq).
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); the last six arguments are the fields of a
+    :class:`QuantConfig` (``qk``, ``pv``, ``q_block``, ``k_block``, ``smooth_k``,
+    ``p_scale_inv``). Returns out (B, Sq, H, D) in q's dtype and lse fp32 (B, H, Sq).
     """
     from .triton_attention import launch_forward_quant
 
-    cfg = QuantConfig.from_json(quant)
+    cfg = QuantConfig(qk=qk_format, pv=pv_format, q_block=quant_q_block, k_block=quant_k_block,
+                      smooth_k=smooth_k, p_scale_inv=p_scale_inv)
     b, sq, h, d = q.shape
     qz = quantize_qk(q, k, cfg, scale)
     if cfg.pv == PVFormat.INT8:
@@ -188,12 +193,13 @@ def bsa_fwd_quant(
 
 @bsa_fwd_quant.register_fake
 def _bsa_fwd_quant_fake(q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_block_size, kv_block_size,
-                        scale, quant):
+                        scale, qk_format, pv_format, quant_q_block, quant_k_block, smooth_k, p_scale_inv):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------ public functions
+
 
 
 def triton_support_error(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask,
@@ -243,7 +249,8 @@ def triton_block_sparse_attention(
     if quant is not None:
         return torch.ops.sparsegen.bsa_fwd_quant(
             q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.tile_ids, mask.tiles,
-            mask.q_block_size, mask.kv_block_size, float(scale), quant.to_json())
+            mask.q_block_size, mask.kv_block_size, float(scale),
+            quant.qk.value, quant.pv.value, quant.q_block, quant.k_block, quant.smooth_k, quant.p_scale_inv)
     q_num_blocks = q_indices = q_tile_ids = None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if needs_grad and not torch.compiler.is_compiling():

@@ -46,6 +46,7 @@ from . import tuning
 __all__ = [
     "KERNELS",
     "kernel_constexprs",
+    "stride_align",
     "pv_dtype_for",
     "launch_forward",
     "launch_forward_quant",
@@ -94,6 +95,20 @@ def _tile_keep(keep, Tiles, tile_id, stride_tt, tile_offsets):
     return keep
 
 
+@triton.jit
+def _aligned(stride, ALIGN: tl.constexpr):
+    """``stride`` itself, with the compiler told it is a multiple of ``ALIGN`` elements.
+
+    The launchers pass ``ALIGN = 8`` when every data stride is a multiple of 8 elements
+    (any contiguous tensor whose head dim is a multiple of 8). Triton only learns
+    divisibility by 16 from argument values, so without this a head dim of 72 (head
+    stride 72) would load Q, K, V element by element instead of in 16-byte vectors.
+    """
+    if ALIGN > 1:
+        stride = stride // ALIGN * ALIGN
+    return stride
+
+
 # ---------------------------------------------------------------------------- forward
 
 
@@ -114,6 +129,7 @@ def _bsa_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     """Forward of block-sparse attention for one (query tile, batch*head).
 
@@ -125,6 +141,19 @@ def _bsa_fwd_kernel(
     tl.static_assert((BLOCK_D & (BLOCK_D - 1)) == 0, "BLOCK_D must be a power of two")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dimension")
 
+    # Data strides are multiples of STRIDE_ALIGN (see _aligned): lets loads vectorize.
+    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
+    stride_qs = _aligned(stride_qs, STRIDE_ALIGN)
+    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
+    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
+    stride_ks = _aligned(stride_ks, STRIDE_ALIGN)
+    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
+    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
+    stride_vs = _aligned(stride_vs, STRIDE_ALIGN)
+    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_os = _aligned(stride_os, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -205,6 +234,7 @@ def _bsa_fwd_quant_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT_Q_BLOCK: tl.constexpr, QUANT_K_BLOCK: tl.constexpr,
     PV_INT8: tl.constexpr, PV_DTYPE: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     """INT8 forward (inference) for one (query tile, batch*head).
 
@@ -228,6 +258,19 @@ def _bsa_fwd_quant_kernel(
     tl.static_assert((QUANT_Q_BLOCK & (QUANT_Q_BLOCK - 1)) == 0, "quantization blocks are powers of two")
     tl.static_assert((QUANT_K_BLOCK & (QUANT_K_BLOCK - 1)) == 0, "quantization blocks are powers of two")
 
+    # Data strides are multiples of STRIDE_ALIGN (see _aligned): lets loads vectorize.
+    stride_qib = _aligned(stride_qib, STRIDE_ALIGN)
+    stride_qih = _aligned(stride_qih, STRIDE_ALIGN)
+    stride_qis = _aligned(stride_qis, STRIDE_ALIGN)
+    stride_kib = _aligned(stride_kib, STRIDE_ALIGN)
+    stride_kih = _aligned(stride_kih, STRIDE_ALIGN)
+    stride_kis = _aligned(stride_kis, STRIDE_ALIGN)
+    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
+    stride_vs = _aligned(stride_vs, STRIDE_ALIGN)
+    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_os = _aligned(stride_os, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -310,12 +353,20 @@ def _bsa_bwd_preprocess_kernel(
     stride_gb, stride_gs, stride_gh,
     H, q_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     """Delta = rowsum(dO * O) - dLSE, fp32 (B, H, Sq).
 
     Out, DOut: (B, Sq, H, D); DLse: fp32 (B, H, Sq) contiguous (read when HAS_DLSE).
     """
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dimension")
+    # Data strides are multiples of STRIDE_ALIGN (see _aligned): lets loads vectorize.
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_os = _aligned(stride_os, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
+    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
+    stride_gs = _aligned(stride_gs, STRIDE_ALIGN)
+    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -352,6 +403,7 @@ def _bsa_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     """dK, dV for one (key tile, batch*head), walking the query blocks that visit it.
 
@@ -364,6 +416,22 @@ def _bsa_bwd_dkdv_kernel(
     tl.static_assert((BLOCK_D & (BLOCK_D - 1)) == 0, "BLOCK_D must be a power of two")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dimension")
 
+    # Data strides are multiples of STRIDE_ALIGN (see _aligned): lets loads vectorize.
+    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
+    stride_qs = _aligned(stride_qs, STRIDE_ALIGN)
+    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
+    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
+    stride_ks = _aligned(stride_ks, STRIDE_ALIGN)
+    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
+    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
+    stride_vs = _aligned(stride_vs, STRIDE_ALIGN)
+    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
+    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
+    stride_gs = _aligned(stride_gs, STRIDE_ALIGN)
+    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
+    stride_dkb = _aligned(stride_dkb, STRIDE_ALIGN)
+    stride_dks = _aligned(stride_dks, STRIDE_ALIGN)
+    stride_dkh = _aligned(stride_dkh, STRIDE_ALIGN)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -440,6 +508,7 @@ def _bsa_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     """dQ for one (query tile, batch*head), walking the key blocks the mask lists.
 
@@ -450,6 +519,22 @@ def _bsa_bwd_dq_kernel(
     tl.static_assert((BLOCK_D & (BLOCK_D - 1)) == 0, "BLOCK_D must be a power of two")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dimension")
 
+    # Data strides are multiples of STRIDE_ALIGN (see _aligned): lets loads vectorize.
+    stride_qb = _aligned(stride_qb, STRIDE_ALIGN)
+    stride_qs = _aligned(stride_qs, STRIDE_ALIGN)
+    stride_qh = _aligned(stride_qh, STRIDE_ALIGN)
+    stride_kb = _aligned(stride_kb, STRIDE_ALIGN)
+    stride_ks = _aligned(stride_ks, STRIDE_ALIGN)
+    stride_kh = _aligned(stride_kh, STRIDE_ALIGN)
+    stride_vb = _aligned(stride_vb, STRIDE_ALIGN)
+    stride_vs = _aligned(stride_vs, STRIDE_ALIGN)
+    stride_vh = _aligned(stride_vh, STRIDE_ALIGN)
+    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
+    stride_gs = _aligned(stride_gs, STRIDE_ALIGN)
+    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
+    stride_dqb = _aligned(stride_dqb, STRIDE_ALIGN)
+    stride_dqs = _aligned(stride_dqs, STRIDE_ALIGN)
+    stride_dqh = _aligned(stride_dqh, STRIDE_ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -531,9 +616,18 @@ def _tile_args(tile_ids: Optional[torch.Tensor], tiles: Optional[torch.Tensor], 
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep exact fp32 products ("ieee", like torch's default matmul precision);
-    fp16 / bf16 products are exact in the tensor cores' fp32 accumulation either way."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """Input precision of ``tl.dot`` for ``dtype`` inputs.
+
+    fp32 inputs use "tf32x3": each operand is split into a tf32 high part and a tf32
+    residual and three tensor-core products are summed, which keeps products close to
+    fp32 accuracy (torch's default fp32 matmul precision) while running on the tensor
+    cores; plain "ieee" compiles to FMA loops without tensor cores, and "tf32" alone
+    would round operands to 10 mantissa bits. fp16 / bf16 operands ignore the setting
+    (their products are exact in the fp32 accumulator). Triton's CPU interpreter
+    ignores it too and multiplies in fp32, so the interpreter tests check the fp32
+    algorithm, not the tf32x3 rounding.
+    """
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def pv_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -541,16 +635,26 @@ def pv_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
 
+def stride_align(*tensors: torch.Tensor) -> int:
+    """``STRIDE_ALIGN`` for a launch: 8 if every batch / seq / head stride of ``tensors`` is a
+    multiple of 8 elements (always so for contiguous inputs with a head dim multiple of 8),
+    else 1. The ahead-of-time check compiles the aligned builds."""
+    ok = all(t.stride(i) % 8 == 0 for t in tensors for i in range(t.dim() - 1))
+    return 8 if ok else 1
+
+
 def kernel_constexprs(kernel: str, dtype: torch.dtype, head_dim: int, tiles: tuning.TileConfig, *,
                       pv_int8: bool = False, quant_blocks: tuple[int, int] = (128, 64),
-                      has_dlse: bool = True) -> dict:
+                      has_dlse: bool = True, strides_aligned: int = 8) -> dict:
     """Compile-time arguments of ``kernel`` (a key of :data:`KERNELS`) for one launch.
 
     The launchers and the ahead-of-time check both build them here, so the check compiles
     what the launchers run. ``dtype`` is the input (q) dtype; ``quant_blocks`` are
-    ``QuantConfig.q_block, k_block``.
+    ``QuantConfig.q_block, k_block``; ``strides_aligned`` is :func:`stride_align` of the
+    data tensors.
     """
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=tuning.padded_head_dim(head_dim), BLOCK_M=tiles.block_m)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=tuning.padded_head_dim(head_dim), BLOCK_M=tiles.block_m,
+                STRIDE_ALIGN=strides_aligned)
     if kernel == "bwd_preprocess":
         meta["HAS_DLSE"] = has_dlse
         return meta
@@ -586,7 +690,8 @@ def launch_forward(
         *_layout_strides(kv_num_blocks), *_layout_strides(kv_indices), *tid_str, *tiles_str,
         nh, sq, k.shape[1], q_block, kv_block,
         sm_scale * _LOG2E,
-        **kernel_constexprs("fwd", q.dtype, d, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **kernel_constexprs("fwd", q.dtype, d, cfg, strides_aligned=stride_align(q, k, v, out)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -630,7 +735,8 @@ def launch_forward_quant(
         nh, sq, k_int.shape[2], q_block, kv_block,
         float(p_scale_inv),
         **kernel_constexprs("fwd_quant", out.dtype, d, cfg, pv_int8=pv_int8,
-                            quant_blocks=(quant_q_block, quant_k_block)),
+                            quant_blocks=(quant_q_block, quant_k_block),
+                            strides_aligned=stride_align(q_int, k_int, v, out)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -652,12 +758,13 @@ def launch_backward(
     """
     bsz, sq, nh, d = q.shape
     sk = k.shape[1]
+    align = stride_align(q, k, v, out, grad_out, dq, dk, dv)
     prep = tuning.select("bwd_preprocess", q.device, q.dtype, d)
     _bsa_bwd_preprocess_kernel[(triton.cdiv(sq, prep.block_m), bsz * nh)](
         out, grad_out, grad_lse if grad_lse is not None else lse, delta,
         *_bsh(out), *_bsh(grad_out),
         nh, sq,
-        **kernel_constexprs("bwd_preprocess", q.dtype, d, prep, has_dlse=grad_lse is not None),
+        **kernel_constexprs("bwd_preprocess", q.dtype, d, prep, has_dlse=grad_lse is not None, strides_aligned=align),
         num_warps=prep.num_warps, num_stages=prep.num_stages,
     )
     kvc = tuning.select("bwd_dkdv", q.device, q.dtype, d, q_block=q_block, kv_block=kv_block)
@@ -670,7 +777,8 @@ def launch_backward(
         *_layout_strides(q_num_blocks), *_layout_strides(q_indices), *tid_str, *tiles_str,
         nh, sq, sk, q_block, kv_block,
         sm_scale, sm_scale * _LOG2E,
-        **kernel_constexprs("bwd_dkdv", q.dtype, d, kvc), num_warps=kvc.num_warps, num_stages=kvc.num_stages,
+        **kernel_constexprs("bwd_dkdv", q.dtype, d, kvc, strides_aligned=align),
+        num_warps=kvc.num_warps, num_stages=kvc.num_stages,
     )
     qc = tuning.select("bwd_dq", q.device, q.dtype, d, q_block=q_block, kv_block=kv_block)
     tid, tid_str, tiles_a, tiles_str = _tile_args(tile_ids, tiles, q)
@@ -682,7 +790,8 @@ def launch_backward(
         *_layout_strides(kv_num_blocks), *_layout_strides(kv_indices), *tid_str, *tiles_str,
         nh, sq, sk, q_block, kv_block,
         sm_scale, sm_scale * _LOG2E,
-        **kernel_constexprs("bwd_dq", q.dtype, d, qc), num_warps=qc.num_warps, num_stages=qc.num_stages,
+        **kernel_constexprs("bwd_dq", q.dtype, d, qc, strides_aligned=align),
+        num_warps=qc.num_warps, num_stages=qc.num_stages,
     )
 
 
