@@ -402,3 +402,28 @@ def render_batch(
     video = np.stack([it.frames for it in items])  # (B, F, H, W, 3)
     tensor = torch.from_numpy(video).permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
     return tensor, [it.prompt for it in items], items
+
+
+def evaluation_specs(n: int) -> list[PromptSpec]:
+    """A fixed, balanced prompt set for evaluations (the first n of a fixed sequence).
+
+    Within 16 prompts every colour meets every direction; counts, shapes and backgrounds
+    cycle; every other prompt has a camera pan.
+
+    Raises:
+        ValueError: if ``n`` is not a positive int.
+    """
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n={n!r} must be a positive int (number of prompts)")
+    colours, directions = list(COLOURS), list(DIRECTIONS)
+    return [
+        PromptSpec(
+            count=1 + i % 3,
+            colour=colours[i % 4],
+            shape=SHAPES[(i // 3) % 3],
+            direction=directions[(i // 4 + i) % 4],
+            background=BACKGROUNDS[(i // 2) % 4],
+            pan=None if i % 2 == 0 else directions[(i // 2) % 4],
+        )
+        for i in range(int(n))
+    ]

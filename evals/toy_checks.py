@@ -1,0 +1,320 @@
+"""Evidence that the shipped toy model learned: prompt following and attention locality.
+
+    python evals/toy_checks.py                       # full run (about 5 minutes on 2 cores)
+    python evals/toy_checks.py --quick               # a few prompts and steps (CI smoke run)
+    python evals/toy_checks.py --model-path DIR      # another asset directory
+
+1. Prompt following. For a fixed prompt set, dense generations of the trained model, of
+   the same architecture at its random initialisation (baseline) and the generator's own
+   videos for the same prompts (the ceiling of each check) are read back with
+   ``sparsegen.toy.metrics.measure_video``: dominant colour, direction of motion, object
+   count, background texture (nearest-centroid classifier fitted on separate real
+   videos), plus speed and foreground share against the ground truth.
+2. Attention locality. During the trained and the untrained model's generations the q
+   and k of every self-attention layer are recorded (``sparsegen.toy.probe``) and the
+   softmax attention mass is binned by temporal distance (latent frames) and spatial
+   Chebyshev distance (tokens); the summary is the mass on the 3 x 3 x 3 token
+   neighbourhood divided by its share under uniform attention (1 = no locality).
+
+Writes ``<out>/toy_checks.json``, ``<out>/attention_locality.png``,
+``<out>/samples.png`` and the markdown page ``evals/results/toy.md`` (``--results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsegen.toy import pipeline as toy
+from sparsegen.toy.data import BACKGROUNDS, COLOURS, DIRECTIONS, SEED_RANGES, SHAPES, PromptSpec, evaluation_specs, render_video
+from sparsegen.toy.metrics import measure_video
+from sparsegen.toy.probe import locality_profile, record_attention_inputs
+
+REPO = Path(__file__).resolve().parent.parent
+CHANCE = {"colour": 1 / len(COLOURS), "direction": 1 / len(DIRECTIONS), "count": 1 / 3, "background": 1 / len(BACKGROUNDS)}
+CALIBRATION_OFFSET = 500_000  # background-classifier videos: evaluation range, far from the prompt seeds
+
+
+class BackgroundClassifier:
+    """Nearest class centroid over standardised background features, fitted on real videos."""
+
+    def __init__(self, num_videos: int):
+        feats, labels = [], []
+        for i in range(num_videos):
+            seed = SEED_RANGES["evaluation"] + CALIBRATION_OFFSET + i
+            background = BACKGROUNDS[i % len(BACKGROUNDS)]
+            video = render_video(seed, spec=_with_background(seed, background))
+            feats.append(measure_video(video.frames).background)
+            labels.append(background)
+        feats = np.array(feats)
+        self.mean, self.std = feats.mean(0), feats.std(0) + 1e-9
+        z = (feats - self.mean) / self.std
+        self.centroids = {b: z[[l == b for l in labels]].mean(0) for b in BACKGROUNDS}
+        self.training_accuracy = float(np.mean([self.predict(f) == l for f, l in zip(feats, labels)]))
+
+    def predict(self, features: np.ndarray) -> str:
+        z = (np.asarray(features) - self.mean) / self.std
+        return min(self.centroids, key=lambda b: float(np.sum((z - self.centroids[b]) ** 2)))
+
+
+def _with_background(seed: int, background: str) -> PromptSpec:
+    rng = np.random.default_rng(seed)
+    spec = PromptSpec(count=int(rng.integers(1, 4)), colour=list(COLOURS)[rng.integers(4)], shape=SHAPES[rng.integers(3)],
+                      direction=list(DIRECTIONS)[rng.integers(4)], background=background)
+    return spec
+
+
+def untrained_pipeline(model_path=None):
+    """The shipped architecture at diffusers' default initialisation (and an untrained
+    prompt encoder), with the trained model's codec and scheduler."""
+    trained = toy.load_pipeline(path=model_path)
+    return toy.build_pipeline(toy.new_transformer(seed=0).eval(), trained.vae, toy.new_prompt_encoder(seed=0).eval(),
+                              trained.scheduler)
+
+
+def score(videos, specs, truths, classifier) -> dict:
+    """Per-check accuracy and ground-truth comparisons for videos (N, F, H, W, 3)."""
+    rows = []
+    for video, spec, truth in zip(videos, specs, truths):
+        m = measure_video(video)
+        true_speed = float(np.linalg.norm(truth.velocities, axis=1).mean())
+        rows.append({
+            "prompt": spec.prompt,
+            "colour": m.colour, "direction": m.direction, "count": m.count,
+            "background": classifier.predict(m.background),
+            "speed": float(np.linalg.norm(m.velocity)), "true_speed": true_speed,
+            "foreground_fraction": m.foreground_fraction,
+            "ok": {"colour": m.colour == spec.colour, "direction": m.direction == spec.direction,
+                   "count": m.count == spec.count, "background": classifier.predict(m.background) == spec.background},
+        })
+    accuracy = {k: float(np.mean([r["ok"][k] for r in rows])) for k in CHANCE}
+    real_fg = np.array([float((measure_video(t.frames).foreground_fraction)) for t in truths])
+    fg = np.array([r["foreground_fraction"] for r in rows])
+    speed_ratio = np.array([r["speed"] / r["true_speed"] for r in rows])
+    return {
+        "accuracy": accuracy,
+        "median_speed_ratio": float(np.median(speed_ratio)),
+        "mean_foreground_fraction": float(fg.mean()),
+        "mean_foreground_fraction_real": float(real_fg.mean()),
+        "rows": rows,
+    }
+
+
+def generate_all(pipe, prompts, *, seed, steps, batch, record_steps):
+    """Dense generations (N, F, H, W, 3) and the locality profile per layer."""
+    videos, records = [], []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        if start == 0:  # attention maps of the first batch (conditional pass only)
+            with record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1) as recs:
+                videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps))
+            records = list(recs)
+        else:
+            videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps))
+    layers = sorted({r.layer for r in records})
+    profiles = {layer: locality_profile([r for r in records if r.layer == layer]) for layer in layers}
+    return np.concatenate(videos), profiles
+
+
+def plot_locality(profiles: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    cmap = plt.get_cmap("viridis")
+    trained, untrained = profiles["trained"], profiles["untrained"]
+    n = len(trained)
+    for panel, (ax, key, xlabel) in enumerate(zip(
+            axes, ("temporal", "spatial"), ("temporal distance |dt| (latent frames)", "spatial distance (tokens, Chebyshev)"))):
+        for i, (layer, prof) in enumerate(sorted(trained.items())):
+            ratio = getattr(prof, f"{key}_mass") / getattr(prof, f"{key}_uniform")
+            ax.plot(np.arange(len(ratio)), ratio, "o-", ms=3, color=cmap(i / max(n - 1, 1)), label=f"layer {layer}")
+        mean_untrained = np.mean([getattr(p, f"{key}_mass") / getattr(p, f"{key}_uniform") for p in untrained.values()],
+                                 axis=0)
+        ax.plot(np.arange(len(mean_untrained)), mean_untrained, "s:", ms=3, color="grey", lw=2,
+                label="untrained model (mean of layers)")
+        ax.axhline(1.0, color="k", ls="--", lw=1.5, label="uniform attention")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("attention mass / uniform share (per distance)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        if panel == 0:
+            ax.legend(fontsize=8)
+    ratios = [p.local_ratio for _, p in sorted(trained.items())]
+    fig.suptitle("toy Wan self-attention mass vs token distance; 3x3x3-neighbourhood mass / uniform: "
+                 + ", ".join(f"{r:.1f}" for r in ratios), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_samples(rows: list[tuple[str, np.ndarray]], prompts: list[str], path: Path, frames=(0, 8, 16)) -> None:
+    """A grid: one row per (source, prompt), the chosen frames side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_prompts = len(prompts)
+    fig, axes = plt.subplots(n_prompts, len(rows), figsize=(3.2 * len(rows), 1.25 * n_prompts + 0.6), dpi=100, squeeze=False)
+    for j, (name, videos) in enumerate(rows):
+        for i in range(n_prompts):
+            strip = np.concatenate([videos[i, min(f, videos.shape[1] - 1)] for f in frames], axis=1)
+            axes[i, j].imshow(np.clip(strip, 0, 1))
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(f"{name} (frames {', '.join(map(str, frames))})", fontsize=9)
+            if j == 0:
+                axes[i, j].set_ylabel(prompts[i].replace(" over", "\nover").replace(", camera", ",\ncamera"), fontsize=6,
+                                      rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    acc = {k: result[k]["accuracy"] for k in ("real", "trained", "untrained")}
+    lines = [
+        "# Toy model: does it follow prompts, and is its attention local?",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        result["command"],
+        "```",
+        "",
+        f"Model: `{result['model_path']}`. {result['num_prompts']} fixed prompts (`sparsegen.toy.data.evaluation_specs`), "
+        f"{result['steps']} denoising steps, guidance {result['guidance_scale']}, seed {result['seed']} + prompt index, "
+        f"17 frames at 64 x 64. Wall time {result['wall_seconds']:.0f} s.",
+        "",
+        "## Prompt following (accuracy of each check)",
+        "",
+        "The same pixel-level reader scores the generator's own videos for the same prompts (the ceiling of each "
+        "check), the trained model and the untrained model (same architecture, diffusers' default initialisation).",
+        "",
+        "| check | chance | generator ground truth | trained model | untrained model |",
+        "|---|---|---|---|---|",
+    ]
+    for k in CHANCE:
+        lines.append(f"| {k} | {CHANCE[k]:.2f} | {acc['real'][k]:.2f} | {acc['trained'][k]:.2f} | {acc['untrained'][k]:.2f} |")
+    lines += [
+        f"| speed / true speed (median) | - | {result['real']['median_speed_ratio']:.2f} | "
+        f"{result['trained']['median_speed_ratio']:.2f} | {result['untrained']['median_speed_ratio']:.2f} |",
+        f"| foreground share of pixels (mean) | - | {result['real']['mean_foreground_fraction']:.3f} | "
+        f"{result['trained']['mean_foreground_fraction']:.3f} | {result['untrained']['mean_foreground_fraction']:.3f} |",
+        "",
+        "How each check reads a video: foreground = pixels whose HSV saturation is above the midpoint between the most "
+        "saturated background and the least saturated object colour the generator can make; colour = the named colour "
+        "nearest in hue to most foreground pixels; direction = the named direction closest to the fitted motion of the "
+        "foreground centroid; count = most frequent number of foreground-interior regions per frame (the darker "
+        "outline rings removed); background = nearest centroid of three texture features, fitted on "
+        f"{result['background_classifier']['videos']} separate generator videos (accuracy on them "
+        f"{result['background_classifier']['training_accuracy']:.2f}).",
+        "",
+        "![samples](../out/toy_checks/samples.png)",
+        "",
+        "## Attention locality",
+        "",
+        f"Self-attention maps of every layer, recorded at steps {result['record_steps']} of the conditional pass for "
+        f"the first {result['recorded_prompts']} prompts: share of attention mass by temporal and spatial token "
+        "distance, against uniform attention. Summary: mass on the 3 x 3 x 3 token neighbourhood divided by that "
+        "neighbourhood's share of keys (1 = no locality).",
+        "",
+        "| layer | trained: local mass ratio | trained: mean abs dt (uniform) | trained: mean spatial distance (uniform) "
+        "| untrained: local mass ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for layer, t in result["locality"]["trained"].items():
+        u = result["locality"]["untrained"][layer]
+        lines.append(f"| {layer} | {t['local_ratio']:.2f} | {t['mean_temporal_distance']:.2f} "
+                     f"({t['mean_temporal_distance_uniform']:.2f}) | {t['mean_spatial_distance']:.2f} "
+                     f"({t['mean_spatial_distance_uniform']:.2f}) | {u['local_ratio']:.2f} |")
+    lines += [
+        f"| mean | {result['locality']['trained_mean_local_ratio']:.2f} | | | "
+        f"{result['locality']['untrained_mean_local_ratio']:.2f} |",
+        "",
+        "![attention locality](../out/toy_checks/attention_locality.png)",
+        "",
+        "The figures live in `evals/out/` (not committed); the command above regenerates them.",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 4 steps, a small classifier fit")
+    parser.add_argument("--model-path", type=Path, default=None, help="asset directory (default: the shipped model)")
+    parser.add_argument("--prompts", type=int, default=None, help="number of prompts (default 24; 4 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 4 with --quick)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "evals" / "out" / "toy_checks")
+    parser.add_argument("--results", type=Path, default=REPO / "evals" / "results" / "toy.md",
+                        help="markdown page to write ('-' to skip)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    n = args.prompts or (4 if args.quick else 24)
+    steps = args.steps or (4 if args.quick else toy.DEFAULT_NUM_INFERENCE_STEPS)
+    record_steps = sorted({0, steps // 2, steps - 1})
+    tic = time.monotonic()
+
+    specs = evaluation_specs(n)
+    prompts = [s.prompt for s in specs]
+    truths = [render_video(SEED_RANGES["evaluation"] + i, spec=s) for i, s in enumerate(specs)]
+    classifier = BackgroundClassifier(16 if args.quick else 64)
+
+    pipes = {"trained": toy.load_pipeline(path=args.model_path), "untrained": untrained_pipeline(args.model_path)}
+    videos, profiles = {}, {}
+    for name, pipe in pipes.items():
+        videos[name], profiles[name] = generate_all(pipe, prompts, seed=args.seed, steps=steps, batch=args.batch,
+                                                    record_steps=record_steps)
+        print(f"generated {n} videos with the {name} model ({time.monotonic() - tic:.0f} s)", flush=True)
+    real = np.stack([t.frames for t in truths])
+
+    result = {
+        "command": "python evals/toy_checks.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "model_path": str(args.model_path or toy.ASSET_DIR.relative_to(REPO)),
+        "num_prompts": n, "steps": steps, "seed": args.seed, "guidance_scale": toy.DEFAULT_GUIDANCE_SCALE,
+        "record_steps": record_steps, "recorded_prompts": min(args.batch, n),
+        "background_classifier": {"videos": 16 if args.quick else 64, "training_accuracy": classifier.training_accuracy},
+        "chance": CHANCE,
+        "real": score(real, specs, truths, classifier),
+        "trained": score(videos["trained"], specs, truths, classifier),
+        "untrained": score(videos["untrained"], specs, truths, classifier),
+    }
+    result["locality"] = {name: {str(l): p.to_dict() for l, p in profiles[name].items()} for name in profiles}
+    for name in profiles:
+        result["locality"][f"{name}_mean_local_ratio"] = float(np.mean([p.local_ratio for p in profiles[name].values()]))
+    result["wall_seconds"] = time.monotonic() - tic
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "toy_checks.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot_locality(profiles, args.out / "attention_locality.png")
+    shown = min(4, n)
+    plot_samples([("generator", real[:shown]), ("trained model", videos["trained"][:shown]),
+                  ("untrained model", videos["untrained"][:shown])], prompts[:shown], args.out / "samples.png")
+    if str(args.results) != "-":
+        write_markdown(result, args.results)
+    for name in ("real", "trained", "untrained"):
+        print(name, json.dumps(result[name]["accuracy"]))
+    print("local mass ratio (mean over layers): trained "
+          f"{result['locality']['trained_mean_local_ratio']:.2f}, untrained {result['locality']['untrained_mean_local_ratio']:.2f}")
+    print(f"wrote {args.out} in {result['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""Video comparison metrics (PSNR, SSIM) and measurements of what a toy video shows.
+
+Frames are float arrays (F, H, W, 3) in [0, 1] (what ``sparsegen.toy.generate`` returns
+per prompt). The measurements read back, from pixels alone, the attributes a prompt of
+the toy grammar names (colour, motion direction, object count, background texture), so
+generated videos can be scored against the generator's ground truth
+(``evals/toy_checks.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import BACKGROUND_MAX_SATURATION, CENTRE_BRIGHTENING, COLOURS, OUTLINE_DARKENING, DIRECTIONS, OBJECT_MIN_SATURATION, RADIUS_RANGE_PX, REFERENCE_SIZE_PX
+
+__all__ = ["psnr", "ssim", "VideoMeasurement", "measure_video", "foreground_mask", "background_features"]
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # the constants of Wang et al. (2004)
+
+
+def _check_pair(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"videos must have the same shape, got {a.shape} and {b.shape}")
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"videos must be (frames, height, width, 3), got {a.shape}")
+    return a, b
+
+
+def psnr(a, b, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB over a whole video (inf when identical).
+
+    Args:
+        a, b: (F, H, W, 3) arrays in [0, data_range].
+    """
+    a, b = _check_pair(a, b)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a, b, data_range: float = 1.0) -> float:
+    """Mean structural similarity (Wang et al. 2004) over frames and colour channels.
+
+    11 x 11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, statistics over the
+    window positions that lie fully inside the frame ("valid" filtering), each colour
+    channel of each frame on its own, then averaged.
+
+    Args:
+        a, b: (F, H, W, 3) arrays in [0, data_range], H and W >= 11.
+    Raises:
+        ValueError: shapes differ, are not (F, H, W, 3), or frames are smaller than the window.
+    """
+    a, b = _check_pair(a, b)
+    if min(a.shape[1:3]) < SSIM_WINDOW:
+        raise ValueError(f"frames of {a.shape[1:3]} are smaller than the {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window")
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).reshape(-1, 1, *a.shape[1:3])  # (F*3, 1, H, W)
+    y = torch.from_numpy(b).permute(0, 3, 1, 2).reshape(-1, 1, *b.shape[1:3])
+    g = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA)
+
+    def blur(t):  # separable Gaussian, valid positions only
+        t = torch.nn.functional.conv2d(t, g.view(1, 1, -1, 1))
+        return torch.nn.functional.conv2d(t, g.view(1, 1, 1, -1))
+
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+# ----------------------------------------------------------------------- measurement
+# A pixel is foreground when its HSV saturation lies above the midpoint between the most
+# saturated background pixel and the least saturated object colour the renderer can make.
+SATURATION_THRESHOLD = 0.5 * (BACKGROUND_MAX_SATURATION + OBJECT_MIN_SATURATION)
+MIN_VALUE = 0.1  # saturation is meaningless for near-black pixels
+# Interior pixels are brighter than this share of the video's bright foreground level; the
+# outline ring is darkened to 1 - OUTLINE_DARKENING = 0.55 of it, the interior keeps >= 0.85.
+INTERIOR_BRIGHTNESS = 0.5 * ((1 - OUTLINE_DARKENING) + (1 - CENTRE_BRIGHTENING))
+# Connected foreground regions smaller than a quarter of the smallest object's area are noise.
+_SMALLEST_OBJECT_AREA = (3 * math.sqrt(3) / 4) * (1.3 * RADIUS_RANGE_PX[0]) ** 2  # the smallest triangle
+
+
+def foreground_mask(frames: np.ndarray) -> np.ndarray:
+    """bool (F, H, W): pixels saturated enough to belong to an object."""
+    frames = np.asarray(frames, dtype=np.float64)
+    hi, lo = frames.max(-1), frames.min(-1)
+    sat = (hi - lo) / np.maximum(hi, 1e-6)
+    return (sat > SATURATION_THRESHOLD) & (hi > MIN_VALUE)
+
+
+def _hue_direction(rgb) -> np.ndarray:
+    """Unit chroma vector of RGB colours (..., 3) -> (..., 2) (the hue as a direction)."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    x = rgb[..., 0] - 0.5 * (rgb[..., 1] + rgb[..., 2])
+    y = (math.sqrt(3) / 2) * (rgb[..., 1] - rgb[..., 2])
+    v = np.stack([x, y], -1)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-9)
+
+
+def _high_pass(frames_grey: np.ndarray, radius: int = 2) -> np.ndarray:
+    """Grey frames (F, H, W) minus their (2r+1)^2 box average (edge-replicated)."""
+    from scipy.ndimage import uniform_filter
+
+    return frames_grey - uniform_filter(frames_grey, size=(1, 2 * radius + 1, 2 * radius + 1), mode="nearest")
+
+
+def background_features(frames: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:
+    """Orientation-invariant texture features of the background pixels.
+
+    Returns:
+        float64 (3,): [log10 of the high-pass energy, gradient anisotropy (largest over
+        smallest energy among the 0/45/90/135 degree directions, log10), skewness of the
+        background intensity].
+    """
+    from scipy.ndimage import binary_dilation
+
+    frames = np.asarray(frames, dtype=np.float64)
+    fg = foreground_mask(frames) if foreground is None else foreground
+    bg = ~binary_dilation(fg, structure=np.ones((1, 5, 5), dtype=bool))  # keep away from object edges
+    grey = frames.mean(-1)
+    hp = _high_pass(grey)
+    inner = bg[:, 1:-1, 1:-1]
+    if inner.sum() < 16:
+        return np.array([-6.0, 0.0, 0.0])
+    energy = float(np.mean(hp[bg] ** 2))
+    g = grey
+    diffs = [g[:, 1:-1, 2:] - g[:, 1:-1, :-2], g[:, 2:, 1:-1] - g[:, :-2, 1:-1],
+             g[:, 2:, 2:] - g[:, :-2, :-2], g[:, 2:, :-2] - g[:, :-2, 2:]]
+    directional = np.array([np.mean(d[inner] ** 2) for d in diffs]) + 1e-9
+    values = grey[bg]
+    centred = values - values.mean()
+    skew = float(np.mean(centred**3) / max(np.mean(centred**2), 1e-12) ** 1.5)
+    return np.array([math.log10(energy + 1e-9), math.log10(directional.max() / directional.min()), skew])
+
+
+@dataclass
+class VideoMeasurement:
+    """What a video shows, read from its pixels.
+
+    Attributes:
+        colour: the named colour closest in hue to most foreground pixels (None if no foreground).
+        direction: the named direction closest to the foreground centroid's motion (None if
+            fewer than two frames have foreground).
+        velocity: (2,) fitted centroid motion in pixels per frame (x right, y down).
+        count: the most frequent number of objects per frame (regions of foreground interior,
+            i.e. foreground without the darker outline rings).
+        foreground_fraction: mean share of foreground pixels per frame.
+        background: (3,) :func:`background_features`.
+    """
+
+    colour: str | None
+    direction: str | None
+    velocity: np.ndarray
+    count: int
+    foreground_fraction: float
+    background: np.ndarray
+
+
+def measure_video(frames: np.ndarray) -> VideoMeasurement:
+    """Read colour, motion, count and background texture from a video (F, H, W, 3) in [0, 1]."""
+    from scipy.ndimage import label
+
+    frames = np.asarray(frames, dtype=np.float64)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3), got {frames.shape}")
+    num_frames, height, width = frames.shape[:3]
+    fg = foreground_mask(frames)
+
+    colour = None
+    if fg.any():
+        names = list(COLOURS)
+        refs = _hue_direction(np.array([COLOURS[n] for n in names]))  # (4, 2)
+        votes = np.argmax(_hue_direction(frames[fg]) @ refs.T, axis=1)
+        colour = names[int(np.bincount(votes, minlength=len(names)).argmax())]
+
+    ys, xs = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
+    present = [f for f in range(num_frames) if fg[f].sum() > 0]
+    velocity = np.zeros(2)
+    direction = None
+    if len(present) >= 2:
+        cx = np.array([xs[fg[f]].mean() for f in present])
+        cy = np.array([ys[fg[f]].mean() for f in present])
+        t = np.array(present, dtype=np.float64)
+        velocity = np.array([np.polyfit(t, cx, 1)[0], np.polyfit(t, cy, 1)[0]])
+        direction = max(DIRECTIONS, key=lambda d: float(np.dot(velocity, DIRECTIONS[d])))
+
+    # Objects are drawn with a darker outline ring (sparsegen.toy.data.OUTLINE_DARKENING), so
+    # touching or overlapping objects of one colour separate once the ring is removed:
+    # count regions of bright ("interior") foreground, 4-connected.
+    min_area = 0.25 * _SMALLEST_OBJECT_AREA * (min(height, width) / REFERENCE_SIZE_PX) ** 2
+    brightness = frames.max(-1)
+    interior = fg & (brightness > INTERIOR_BRIGHTNESS * np.percentile(brightness[fg], 90)) if fg.any() else fg
+    counts = []
+    for f in range(num_frames):
+        labels, _ = label(interior[f])
+        sizes = np.bincount(labels.ravel())[1:]
+        counts.append(int((sizes >= min_area).sum()))
+    values, freq = np.unique(counts, return_counts=True)
+    count = int(values[freq == freq.max()].max())  # ties -> the larger count (occlusion only lowers it)
+
+    return VideoMeasurement(colour=colour, direction=direction, velocity=velocity, count=count,
+                            foreground_fraction=float(fg.mean()), background=background_features(frames, fg))
