@@ -1,1 +1,26 @@
-"""A small video model trained on procedural data, shipped with the project."""
+"""A small video model trained on procedural data, shipped with the project.
+
+    >>> import sparsegen.toy as toy
+    >>> pipe = toy.load_pipeline()            # a diffusers.WanPipeline, built offline
+    >>> toy.generate(pipe, ["a red circle moving right over a striped background"], seed=0).shape
+    (1, 17, 64, 64, 3)
+
+Submodules: ``data`` (procedural videos with ground truth), ``codec`` (lossless latent
+space), ``text`` (prompt encoder), ``pipeline`` (load / build / generate), ``train``
+(flow-matching training), ``metrics`` (PSNR, SSIM, prompt checks), ``probe`` (attention
+recording and locality).
+"""
+
+import importlib
+
+# Imported on first use, so `sparsegen.toy.data` does not pull in diffusers.
+_FROM_PIPELINE = ("load_pipeline", "generate", "encode_prompt", "build_pipeline", "ASSET_DIR")
+
+
+def __getattr__(name):
+    if name in _FROM_PIPELINE:
+        return getattr(importlib.import_module("sparsegen.toy.pipeline"), name)
+    raise AttributeError(f"module 'sparsegen.toy' has no attribute {name!r}")
+
+
+__all__ = list(_FROM_PIPELINE)
