@@ -9,7 +9,7 @@ import sys
 # Modules exposing add_cli(subparsers) (top-level commands) or add_mask_cli(subparsers)
 # (kinds of `sparsegen mask ...`).
 _COMMAND_MODULES = ["sparsegen.generate", "sparsegen.flops"]
-_MASK_MODULES = ["sparsegen.methods.radial", "sparsegen.methods.gna"]
+_MASK_MODULES = ["sparsegen.methods.radial", "sparsegen.methods.gna", "sparsegen.methods.vmoba"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -436,3 +436,30 @@ def test_hunyuan_video_tokens_sparse_text_dense():
     assert {geom for _, _, geom, *_ in seen} == {AttentionGeometry(5, 8, 8)}
     _check_layers(seen, cfg)
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, base, atol=1e-4)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_reports_blocks_padding_and_density(capsys, tmp_path):
+    import json
+
+    from sparsegen.cli import main as cli_main
+
+    rc = cli_main(["mask", "vmoba", "--grid", "7,10,26", "--preset", "training-free", "--top-k", "2",
+                   "--block-size", "64", "--json", "--png", str(tmp_path / "m.png")])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["tokens"] == 1820 and out["inputs"] == "gaussian"
+    rows = out["layers"]
+    assert [r["kind"] for r in rows] == ["temporal", "spatial", "spatiotemporal"]
+    # 7 frames in blocks of 3 -> 3, 3, 1; 10 x 26 in 5 x 13 -> 2 x 2; 7 x 10 x 26 in 7 x 5 x 13 -> 1 x 2 x 2.
+    assert [r["blocks"] for r in rows] == [3, 4, 4]
+    assert [r["extent"] for r in rows] == [[3, 10, 26], [7, 5, 13], [7, 5, 13]]
+    # Padding to 64-token blocks: 780, 780, 260 -> 832, 832, 320; 455 -> 512 (x 4).
+    assert [r["padding"] for r in rows] == [52 + 52 + 60, 4 * 57, 4 * 57]
+    assert all(r["selected_blocks_per_query_block"] == 2.0 for r in rows)
+    assert all(0 < r["token_density"] < r["density"] + 1e-9 < 1 for r in rows[1:])
+    assert all((tmp_path / f"m_layer{i}.png").exists() for i in range(3))
+    rc = cli_main(["mask", "vmoba", "--grid", "4,5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "grid must be 3 positive ints" in err
+    rc = cli_main(["mask", "vmoba", "--grid", "4,5,6", "--threshold", "2"])
+    assert rc == 2 and "VMoBAConfig.threshold=2.0 is invalid" in capsys.readouterr().err

@@ -68,8 +68,11 @@ Benchmarks and custom models can build one layer's mask directly with
 
 from __future__ import annotations
 
+import argparse
 import enum
+import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence, Union
 
@@ -91,6 +94,7 @@ __all__ = [
     "select_blocks",
     "vmoba_mask",
     "vmoba_attention",
+    "add_mask_cli",
     "CONFIG",
     "METHOD",
 ]
@@ -166,7 +170,8 @@ class VMoBAConfig(MethodConfig):
         name = type(self).__name__
         if not _is_int(self.temporal_block):
             raise config_error(name, "temporal_block", self.temporal_block, "must be an int >= 1 (frames per block)")
-        for f, n, what in (("spatial_block", 2, "(rows, columns)"), ("spatiotemporal_block", 3, "(frames, rows, columns)")):
+        for f, n, what in (("spatial_block", 2, "(rows, columns)"),
+                           ("spatiotemporal_block", 3, "(frames, rows, columns)")):
             v = getattr(self, f)
             if isinstance(v, list):
                 v = tuple(v)
@@ -392,16 +397,25 @@ def vmoba_block_scores(qp: torch.Tensor, kp: torch.Tensor, partition: VMoBAParti
     return torch.einsum("bqhd,bphd->bhqp", q_mean, k_mean)
 
 
-def _threshold_select(norm: torch.Tensor, own: torch.Tensor, total: torch.Tensor, own_mass: torch.Tensor,
-                      threshold: float) -> torch.Tensor:
-    """Along the last dim of ``norm``: after the own entries, take others in decreasing
-    order until ``own_mass + taken >= threshold * total`` (the smallest such prefix)."""
-    key = norm.masked_fill(own, float("-inf"))
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+def _threshold_rows(scores: torch.Tensor, own: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Threshold selection along the last dim (a query block's row, or a whole head flattened).
+
+    Scores are min-max normalised along the row; after the own entries, the others are
+    taken in decreasing order (stable: ties keep index order) while the mass taken so far
+    is below ``threshold`` times the row's total: the smallest set reaching it. Rows of
+    equal scores select everything.
+    """
+    lo, hi = scores.amin(-1, keepdim=True), scores.amax(-1, keepdim=True)
+    flat = hi <= lo
+    spread = torch.where(flat, torch.ones_like(hi), hi - lo)
+    norm = torch.where(flat, torch.zeros_like(scores), (scores - lo) / spread)
+    total = norm.sum(-1, keepdim=True)
+    own_mass = (norm * own).sum(-1, keepdim=True)
+    order = torch.sort(norm.masked_fill(own, float("-inf")), dim=-1, descending=True, stable=True).indices
     values = norm.masked_fill(own, 0.0).gather(-1, order)
     before = torch.cumsum(values, -1) - values  # mass of the others taken before this one
     take = (own_mass + before < threshold * total) & ~own.gather(-1, order)
-    return torch.zeros_like(own).scatter(-1, order, take)
+    return torch.zeros_like(own).scatter(-1, order, take) | own | flat
 
 
 def select_blocks(scores: torch.Tensor, owner: torch.Tensor, *, selection: Union[str, Selection],
@@ -429,23 +443,9 @@ def select_blocks(scores: torch.Tensor, owner: torch.Tensor, *, selection: Union
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
         return torch.zeros_like(own).scatter(-1, order, True)
     if selection == Selection.THRESHOLD:
-        lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
-        flat = hi <= lo
-        norm = torch.where(flat, torch.zeros_like(s), (s - lo) / torch.where(flat, torch.ones_like(s), hi - lo))
-        total = norm.sum(-1, keepdim=True)
-        own_mass = (norm * own).sum(-1, keepdim=True)
-        sel = _threshold_select(norm, own, total, own_mass, threshold)
-        return sel | own | flat
+        return _threshold_rows(s, own, threshold)
     # Global per head: one ranking over all (query block, key block) pairs of the head.
-    sf = s.reshape(bsz, h, qb * p)
-    of = own.reshape(bsz, h, qb * p)
-    lo, hi = sf.amin(-1, keepdim=True), sf.amax(-1, keepdim=True)
-    flat = hi <= lo
-    norm = torch.where(flat, torch.zeros_like(sf), (sf - lo) / torch.where(flat, torch.ones_like(sf), hi - lo))
-    total = norm.sum(-1, keepdim=True)
-    own_mass = (norm * of).sum(-1, keepdim=True)
-    sel = _threshold_select(norm, of, total, own_mass, threshold)
-    return (sel | of | flat).view(bsz, h, qb, p)
+    return _threshold_rows(s.reshape(bsz, h, qb * p), own.reshape(bsz, h, qb * p), threshold).view(bsz, h, qb, p)
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int]) -> None:
@@ -457,6 +457,16 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int]) -> N
                              f"width tokens, row-major); got {name}.shape={shape}")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape; got {tuple(q.shape)=}, {tuple(k.shape)=}")
+
+
+def _partition_for_inputs(q, k, grid, layer, config) -> tuple[VMoBAConfig, VMoBAPartition]:
+    """Check the public functions' arguments; the config (default VMoBAConfig()) and the partition on q's device."""
+    config = VMoBAConfig() if config is None else config
+    if not isinstance(config, VMoBAConfig):
+        raise TypeError(f"config must be a VMoBAConfig, got {type(config).__name__}")
+    g = _check_grid(grid)
+    _check_qk(q, k, g)
+    return config, vmoba_partition(g, layer, config).to(q.device)
 
 
 def _select_for(partition: VMoBAPartition, qp: torch.Tensor, kp: torch.Tensor, layer: int,
@@ -487,12 +497,7 @@ def vmoba_mask(q: torch.Tensor, k: torch.Tensor, grid, layer: int,
         >>> mask, perm = vmoba_mask(q, k, (21, 30, 52), layer=2, config=VMoBAConfig.preset("training-free"))
         >>> out = perm.invert(block_sparse_attention(perm.apply(q), perm.apply(k), perm.apply(v), mask))
     """
-    config = VMoBAConfig() if config is None else config
-    if not isinstance(config, VMoBAConfig):
-        raise TypeError(f"config must be a VMoBAConfig, got {type(config).__name__}")
-    g = _check_grid(grid)
-    _check_qk(q, k, g)
-    part = vmoba_partition(g, layer, config).to(q.device)
+    config, part = _partition_for_inputs(q, k, grid, layer, config)
     qp, kp = part.permutation.apply(q), part.permutation.apply(k)
     return part.block_mask(_select_for(part, qp, kp, layer, config)), part.permutation
 
@@ -529,14 +534,9 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
     Returns:
         out (B, N, H, D) (and the LSE).
     """
-    config = VMoBAConfig() if config is None else config
-    if not isinstance(config, VMoBAConfig):
-        raise TypeError(f"config must be a VMoBAConfig, got {type(config).__name__}")
-    g = _check_grid(grid)
-    _check_qk(q, k, g)
+    config, part = _partition_for_inputs(q, k, grid, layer, config)
     if v.shape != q.shape:
         raise ValueError(f"v must have q's shape {tuple(q.shape)}; got {tuple(v.shape)=}")
-    part = vmoba_partition(g, layer, config).to(q.device)
     out, lse = _attend(part, q, k, v, layer, config, backend, None)
     return (out, lse) if return_lse else out
 
@@ -583,3 +583,91 @@ class VMoBAMethod(SparseAttentionMethod):
 
 CONFIG = VMoBAConfig
 METHOD = VMoBAMethod
+
+
+# ------------------------------------------------------------------------ CLI
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 21,30,52, got {text!r}") from None
+
+
+def add_mask_cli(subparsers) -> None:
+    """Add ``sparsegen mask vmoba``."""
+    p = subparsers.add_parser(
+        "vmoba", help="VMoBA masks of one layer of each kind on seeded Gaussian q, k: blocks, padding, density",
+        description="Build the VMoBA masks of layers 0, 1, 2 (temporal, spatial, spatiotemporal partitions) for a "
+                    "token grid. The selection depends on the queries and keys; this command draws them from a "
+                    "seeded standard normal distribution, so threshold-mode densities are those of unstructured "
+                    "inputs, not of a trained model.",
+    )
+    p.add_argument("--grid", type=_ints, required=True, help="token grid frames,height,width, e.g. 21,30,52")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a preset (default: defaults)")
+    p.add_argument("--selection", choices=[s.value for s in Selection], default=None, help="selection mode")
+    p.add_argument("--top-k", type=_ints, default=None, help="top-k per layer kind (1 or 3 values)")
+    p.add_argument("--threshold", type=float, default=None, help="threshold for the threshold modes")
+    p.add_argument("--block-size", type=int, default=None, help="query / kernel block size")
+    p.add_argument("--heads", type=int, default=2, help="heads of the random inputs (default 2)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dim of the random inputs (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.add_argument("--png", metavar="PATH", default=None,
+                   help="render the masks (first head) to PATH with the layer index before the suffix")
+    p.set_defaults(func=_run_mask_cli)
+
+
+def _run_mask_cli(args: argparse.Namespace) -> int:
+    overrides = {}
+    if args.selection is not None:
+        overrides["selection"] = args.selection
+    if args.top_k is not None:
+        overrides["top_k"] = args.top_k[0] if len(args.top_k) == 1 else args.top_k
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    if args.block_size is not None:
+        overrides["block_size"] = args.block_size
+    try:
+        cfg = VMoBAConfig.preset(args.preset, **overrides) if args.preset else VMoBAConfig(**overrides)
+        grid = _check_grid(args.grid)
+        for name in ("heads", "head_dim"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    except (TypeError, ValueError) as e:
+        print(f"sparsegen mask vmoba: error: {e}", file=sys.stderr)
+        return 2
+    n = math.prod(grid)
+    gen = torch.Generator().manual_seed(args.seed)
+    q = torch.randn(1, n, args.heads, args.head_dim, generator=gen)
+    k = torch.randn(1, n, args.heads, args.head_dim, generator=gen)
+    layers = []
+    for layer in range(3):
+        part = vmoba_partition(grid, layer, cfg)
+        qp, kp = part.permutation.apply(q), part.permutation.apply(k)
+        selected = _select_for(part, qp, kp, layer, cfg)
+        mask = part.block_mask(selected)
+        pairs = (selected.double() * part.query_block_tokens.view(-1, 1) * part.block_tokens.view(1, -1)).sum()
+        row = dict(layer=layer, kind=LAYER_KINDS[layer], extent=list(part.extent), blocks=part.num_blocks,
+                   kernel_tokens=part.length, padding=part.length - n, density=mask.density(),
+                   token_density=float(pairs) / (args.heads * n * n),
+                   selected_blocks_per_query_block=float(selected.sum(-1).double().mean()))
+        if args.png:
+            stem, dot, suffix = args.png.rpartition(".")
+            path = f"{stem}_layer{layer}.{suffix}" if dot else f"{args.png}_layer{layer}"
+            mask.render(path, heads=[0])
+            row["png"] = path
+        layers.append(row)
+    if args.json:
+        print(json.dumps(dict(grid=list(grid), tokens=n, config=cfg.to_dict(), inputs="gaussian", seed=args.seed,
+                              heads=args.heads, head_dim=args.head_dim, layers=layers), sort_keys=True))
+        return 0
+    sel = cfg.selection.value
+    how = (f"top_k {cfg.top_k}" if cfg.selection == Selection.TOPK else f"threshold {cfg.threshold:g}")
+    print(f"VMoBA masks: grid {grid} = {n} tokens, selection {sel} ({how}), block {cfg.block_size}; "
+          f"Gaussian q, k (seed {args.seed}, {args.heads} heads, head_dim {args.head_dim})")
+    for r in layers:
+        print(f"  layer {r['layer']} {r['kind']:<14} blocks {r['blocks']:>4} of {tuple(r['extent'])}  "
+              f"padding {r['padding']:>5}  density {r['density']:.4f}  token density {r['token_density']:.4f}  "
+              f"blocks/query block {r['selected_blocks_per_query_block']:.2f}" + (f"  -> {r['png']}" if args.png
+                                                                                     else ""))
+    return 0
