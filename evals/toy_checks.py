@@ -128,6 +128,7 @@ def plot_locality(profiles: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     cmap = plt.get_cmap("viridis")
@@ -149,6 +150,7 @@ def plot_locality(profiles: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         if panel == 0:
             ax.legend(fontsize=8)
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ratios = [p.local_ratio for _, p in sorted(trained.items())]
     fig.suptitle("toy Wan self-attention mass vs token distance; 3x3x3-neighbourhood mass / uniform: "
                  + ", ".join(f"{r:.1f}" for r in ratios), fontsize=10)

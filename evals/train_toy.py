@@ -3,6 +3,7 @@
     python evals/train_toy.py                      # the documented run, writes the assets
     python evals/train_toy.py --benchmark 5        # time 5 steps, write nothing
     python evals/train_toy.py --resume             # continue an interrupted run from its checkpoint
+    python evals/train_toy.py --write-card         # (re)write the model card of --out from its summary
 
 The run checkpoints to --run-dir every few minutes and logs one JSON line per 10 steps.
 """
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from sparsegen.toy.pipeline import ASSET_DIR
-from sparsegen.toy.train import TrainConfig, train
+from sparsegen.toy.train import TrainConfig, train, write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,10 +29,16 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", type=Path, default=REPO / "evals" / "out" / "toy_train", help="checkpoint and log")
     parser.add_argument("--resume", action="store_true", help="continue from --run-dir's checkpoint")
     parser.add_argument("--benchmark", type=int, metavar="STEPS", help="time this many steps and exit")
+    parser.add_argument("--write-card", action="store_true",
+                        help="only write --out/README.md from the exported training summary, then exit")
+    parser.add_argument("--card-note", default=None, help="a remark for the model card under the wall time")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=type(getattr(defaults, field.name)), default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
+    if args.write_card:
+        print(f"wrote {write_model_card(args.out, note=args.card_note)}")
+        return 0
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     command = "python evals/train_toy.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     summary = train(config, args.out, args.run_dir, resume=args.resume, command=command, benchmark_steps=args.benchmark)

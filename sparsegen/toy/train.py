@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -178,7 +179,11 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
     state = torch.load(checkpoint_path, weights_only=False) if resume and checkpoint_path.is_file() else None
     if state is not None:
         saved = TrainConfig(**state["config"])
-        if dataclasses.asdict(saved) != dataclasses.asdict(config):
+        # Thread count and checkpoint interval do not change what is trained.
+        runtime_only = {"threads", "checkpoint_minutes"}
+        if {k: v for k, v in dataclasses.asdict(saved).items() if k not in runtime_only} != {
+            k: v for k, v in dataclasses.asdict(config).items() if k not in runtime_only
+        }:
             raise ValueError(f"checkpoint {checkpoint_path} was made with a different config: {saved} vs {config}")
         mean, std = state["latents_mean"], state["latents_std"]
     else:
@@ -299,7 +304,7 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
 
 def export(out_dir, transformer, prompt_encoder, codec, history, summary):
     """Write the asset directory: fp16 transformer, prompt encoder, codec and scheduler
-    configs, training summary and loss curve."""
+    configs, training summary, loss curve and model card."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(transformer).to(torch.float16).save_pretrained(out_dir / "transformer", safe_serialization=True)
@@ -309,6 +314,7 @@ def export(out_dir, transformer, prompt_encoder, codec, history, summary):
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "loss_history.json").write_text(json.dumps(_downsample_history(history)) + "\n")
     plot_loss_curve(history, out_dir / "loss_curve.png", title=f"toy Wan, {summary['training_wall_minutes']} min on CPU")
+    write_model_card(out_dir)
 
 
 def _downsample_history(history, every: int = 10):
@@ -343,3 +349,139 @@ def plot_loss_curve(history, path, *, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_model_card(asset_dir, *, note: str | None = None) -> Path:
+    """Write ``asset_dir/README.md`` (the model card) from the files the export wrote.
+
+    Args:
+        asset_dir: an exported asset directory (``training_summary.json``,
+            ``loss_history.json``, weights).
+        note: an optional remark printed under the wall time (e.g. that the machine was shared).
+
+    Returns:
+        the path of the card.
+
+    Raises:
+        FileNotFoundError: if the directory holds no training summary.
+    """
+    asset = Path(asset_dir)
+    if not (asset / "training_summary.json").is_file():
+        raise FileNotFoundError(f"no training_summary.json in {str(asset)!r}; export a trained model there first")
+    s = json.loads((asset / "training_summary.json").read_text())
+    c = s["config"]
+    size_mb = (asset / "transformer" / toy_pipeline.WEIGHTS_FILE).stat().st_size / 2**20
+    enc_mb = (asset / "prompt_encoder" / toy_pipeline.WEIGHTS_FILE).stat().st_size / 2**20
+    hist = json.loads((asset / "loss_history.json").read_text())
+    first_val = hist["validation"][0] if hist["validation"] else [None, float("nan")]
+    text = textwrap.dedent(f"""\
+    # toy_wan: a small text-to-video Wan model trained on procedural videos
+    
+    A tiny instance of diffusers' own `WanTransformer3DModel`, trained from scratch on CPU with
+    flow matching on the procedural videos of `sparsegen.toy.data`. It exists so that sparse
+    attention methods can be measured on a model whose attention has real structure, on
+    machines where no pretrained video model can be downloaded. It is the default model of
+    `sparsegen generate`.
+    
+    ```python
+    import sparsegen.toy as toy
+    pipe = toy.load_pipeline()                       # a diffusers.WanPipeline, built offline
+    video = toy.generate(pipe, ["two red circles moving right over a striped background"], seed=0)
+    video.shape                                      # (1, 17, 64, 64, 3), float32 in [0, 1]
+    ```
+    
+    ## Files
+    
+    | path | what |
+    |---|---|
+    | `transformer/` | `WanTransformer3DModel` config + weights (fp16 safetensors, {size_mb:.1f} MB; EMA of the training weights) |
+    | `prompt_encoder/` | `ToyPromptEncoder` (word + position embeddings, one transformer encoder layer; {s['prompt_encoder_parameters']:,} parameters, {enc_mb:.2f} MB), trained jointly; stands in for UMT5 |
+    | `vae/config.json` | `PixelShuffleVideoCodec`: a lossless direct latent space instead of a VAE (see below), with per-channel latent statistics |
+    | `scheduler/` | `UniPCMultistepScheduler`, flow prediction, flow shift 3.0 (Wan's solver) |
+    | `training_summary.json` | the training command, config, wall time, final losses, versions |
+    | `loss_history.json`, `loss_curve.png` | training loss (mean of 10 steps) and validation loss of the EMA weights |
+    
+    ## Architecture
+    
+    `WanTransformer3DModel` with patch size (1, 2, 2), 6 layers, 6 heads x 32 dims (width
+    192), FFN 576, text dim 64, RMS q/k norm across heads, cross-attention norm, rotary
+    position embedding (head dims split t = 12, h = 10, w = 10):
+    {s['transformer_parameters']:,} parameters.
+    
+    Latent space (`sparsegen/toy/codec.py`): no learned autoencoder. A video is rearranged
+    losslessly, in the causal frame layout of Wan's VAE: frame 0 alone, then groups of 4
+    frames; each 4 x 4 pixel patch of the 4 stacked frames becomes 3 x 4 x 16 = 192
+    channels. A 17-frame 64 x 64 video is 5 latent frames of 16 x 16 cells; after the
+    transformer's 2 x 2 patchify, **5 x 8 x 8 = 320 video tokens** (64 per latent frame).
+    Latents are normalised per channel with statistics measured on 256 training-distribution
+    videos. 33 frames give 9 x 8 x 8 = 576 tokens, 65 frames 17 x 8 x 8 = 1088.
+    
+    ## Data
+    
+    `sparsegen/toy/data.py`, deterministic by seed; seed ranges for training, validation,
+    statistics and evaluation are disjoint. Prompts follow one grammar:
+    
+        <a|two|three> <red|green|blue|yellow> <circle|square|triangle>[s] moving <left|right|up|down>
+            over a <striped|checkered|dotted|plain> background[, camera panning <left|right|up|down>]
+    
+    1 to 3 objects of one colour and class (radius 6-9 px, darker outline, shaded centre)
+    move at 0.8-1.6 px/frame in the named direction and occlude each other in drawing
+    order; grey low-saturation textured backgrounds; half the videos have a camera pan
+    (the background drifts). 17 frames at 64 x 64. Each video carries its ground truth
+    (positions, velocities, visibility, colour, camera motion).
+    
+    ## Training
+    
+    ```
+    {s['command']}
+    ```
+    
+    (`evals/train_toy.py`; `--resume` continues from the checkpoint in
+    `evals/out/toy_train`.) Rectified flow: `x_sigma = (1 - sigma) x0 + sigma noise`, target
+    velocity `noise - x0`, `timestep = 1000 sigma`, sigma drawn uniformly then shifted with
+    the inference flow shift 3.0. {c['steps']} steps of batch {c['batch_size']} (fresh videos every step: {c['steps'] * c['batch_size']:,}
+    videos, none seen twice), AdamW (lr {c['learning_rate']}, betas 0.9/0.99, weight decay {c['weight_decay']} on matrices),
+    {c['warmup_steps']} warm-up steps then cosine decay to {c['final_lr_fraction']} of the peak, gradient clipping {c['grad_clip']},
+    EMA {c['ema_decay']} (exported), prompts dropped to "" with probability {c['uncond_probability']} (classifier-free
+    guidance), {c['threads']} CPU threads, fp32.
+    
+    - Wall time: **{s['training_wall_minutes']} min** ({s['machine']}; from `training_summary.json`).
+    NOTE_LINE
+    - Final training loss (mean of the last 100 steps): {s['final_train_loss_mean_last_100']:.3f};
+      validation loss of the EMA weights (32 fixed videos, fixed noise and noise levels):
+      {first_val[1] if first_val else float('nan'):.3f} at step {first_val[0] if first_val else '-'} -> **{s['final_validation_loss_ema']:.3f}** at step {s['steps_done']}.
+    
+    ![loss curve](loss_curve.png)
+    
+    ## Evaluation
+    
+    - Prompt following and attention locality against the generator's ground truth and a
+      random-initialisation baseline: `python evals/toy_checks.py`, results in
+      `evals/results/toy.md`.
+    - Every sparse method against dense attention (PSNR, SSIM, per-layer attention error,
+      density sweeps, 2x and 4x length): `python evals/quality.py`, results in
+      `evals/results/quality.md`.
+    
+    Default generation settings: 17 frames, 64 x 64, 20 steps, guidance 4.0.
+    
+    ## Limitations
+    
+    - Tiny and briefly trained: generations are rough (see the samples in
+      `evals/results/toy.md`); it is an instrument for comparing attention methods, not a
+      video generator.
+    - Trained only at 17 frames, 64 x 64. Longer videos (33, 65 frames) rely on the rotary
+      embedding extrapolating in time; dense and sparse are compared there against each
+      other, not against ground truth.
+    - 320 tokens at the training size: sparse methods need small blocks (16-64 tokens) to
+      be sparse at all, and the measured CPU times say nothing about GPU speedups at real
+      model sizes. Radial attention's frame decimation leaves only the diagonal frames
+      and the sink at 64 tokens per frame.
+    - Closed vocabulary (29 words): prompts outside the grammar are rejected with an error.
+    - No learned autoencoder: the latent space is a lossless pixel rearrangement, so the
+      transformer also has to model pixel-level detail that a VAE would absorb.
+    - Weights are stored in fp16 and cast to the requested dtype on load.
+    """)
+    text = text.replace("NOTE_LINE\n", f"  {note}\n" if note else "")
+    path = asset / "README.md"
+    path.write_text(text)
+    return path
