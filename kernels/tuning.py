@@ -6,12 +6,13 @@ here for sm_80 and sm_90 and verifies tensor-core use, zero register spills and 
 memory within the architecture's limit. Change a number here and run
 ``python -m sparsegen.kernels.gpu_check`` before shipping it.
 
-Tables are keyed by (kernel, operand family, padded head dim):
+Tables are keyed by (kernel, operand family, head dim):
 
 * kernels: ``fwd``, ``fwd_quant``, ``bwd_preprocess``, ``bwd_dkdv``, ``bwd_dq``;
 * operand families: ``"16bit"`` (fp16 and bf16 share tiles), ``"fp32"``, and for
   ``fwd_quant`` ``"pv_half"`` / ``"pv_int8"``;
-* padded head dim: the head dim rounded up to a power of two (72, 80, 96 -> 128).
+* head dim: the shipped head dims have entries of their own; any other head dim uses
+  the entry of its padded head dim (rounded up to a power of two, at least 64).
 
 The kernels' tiles must cover a mask block with sub-tiles, so a mask block smaller than
 the table's tile shrinks it (:func:`fit_tile`): the gate compiles those variants for the
@@ -73,32 +74,66 @@ class TileConfig:
 
 
 T = TileConfig
-# {arch: {(kernel, family, padded head dim): TileConfig}}
+
+
+def _per_head_dim(**by_dim: TileConfig) -> dict[int, TileConfig]:
+    return {int(k[1:]): v for k, v in by_dim.items()}
+
+
+def _entries(kernel: str, family: str, by_dim: dict[int, TileConfig]) -> dict[tuple[str, str, int], TileConfig]:
+    return {(kernel, family, hd): cfg for hd, cfg in by_dim.items()}
+
+
+# {arch: {(kernel, family, head dim): TileConfig}}. Each entry is the largest tile (then
+# the most pipeline stages) of a preference-ordered candidate list that the gate passes:
+# tensor cores, no spills (ptxas caps at 255 registers per thread), shared memory within
+# the limit. 128-row tiles spill everywhere except the INT8 kernels and sm_90's
+# fp16 / bf16 forward at head dim 64; 8 warps halve the per-thread share of a tile.
+# Head dims 72 and 96 compute on 128-wide padded tiles (their own entries: the masked
+# columns change register allocation); other head dims use the entry of their padded
+# head dim (64 or 128).
 _TABLE: dict[int, dict[tuple[str, str, int], TileConfig]] = {
     80: {
-        ("fwd", "16bit", 64): T(64, 64, 4, 3),
-        ("fwd", "16bit", 128): T(64, 64, 4, 3),
-        ("fwd", "fp32", 64): T(64, 32, 4, 2),
-        ("fwd", "fp32", 128): T(64, 32, 4, 2),
-        ("fwd_quant", "pv_half", 64): T(64, 64, 4, 3),
-        ("fwd_quant", "pv_half", 128): T(64, 64, 4, 3),
-        ("fwd_quant", "pv_int8", 64): T(64, 64, 4, 3),
-        ("fwd_quant", "pv_int8", 128): T(64, 64, 4, 3),
-        ("bwd_preprocess", "16bit", 64): T(64, 16, 4, 1),
-        ("bwd_preprocess", "16bit", 128): T(64, 16, 4, 1),
-        ("bwd_preprocess", "fp32", 64): T(64, 16, 4, 1),
-        ("bwd_preprocess", "fp32", 128): T(64, 16, 4, 1),
-        ("bwd_dkdv", "16bit", 64): T(32, 64, 4, 3),
-        ("bwd_dkdv", "16bit", 128): T(32, 64, 4, 2),
-        ("bwd_dkdv", "fp32", 64): T(32, 64, 4, 2),
-        ("bwd_dkdv", "fp32", 128): T(16, 64, 4, 2),
-        ("bwd_dq", "16bit", 64): T(64, 32, 4, 3),
-        ("bwd_dq", "16bit", 128): T(64, 32, 4, 2),
-        ("bwd_dq", "fp32", 64): T(64, 32, 4, 2),
-        ("bwd_dq", "fp32", 128): T(64, 16, 4, 2),
+        **_entries("fwd", "16bit", _per_head_dim(d64=T(64, 64, 8, 2), d72=T(64, 64, 8, 3), d96=T(64, 64, 8, 3),
+                                                 d128=T(64, 64, 8, 3))),
+        **_entries("fwd", "fp32", _per_head_dim(d64=T(64, 64, 8, 3), d72=T(64, 32, 8, 2), d96=T(64, 32, 8, 2),
+                                                d128=T(64, 32, 8, 2))),
+        **_entries("fwd_quant", "pv_half", _per_head_dim(d64=T(128, 64, 8, 3), d72=T(64, 32, 4, 2),
+                                                         d96=T(64, 64, 8, 3), d128=T(64, 64, 8, 3))),
+        **_entries("fwd_quant", "pv_int8", _per_head_dim(d64=T(128, 64, 8, 3), d72=T(128, 64, 8, 3),
+                                                         d96=T(128, 64, 8, 3), d128=T(128, 64, 8, 3))),
+        **_entries("bwd_preprocess", "16bit", _per_head_dim(d64=T(64, 16, 4, 1), d128=T(64, 16, 4, 1))),
+        **_entries("bwd_preprocess", "fp32", _per_head_dim(d64=T(64, 16, 4, 1), d128=T(64, 16, 4, 1))),
+        **_entries("bwd_dkdv", "16bit", _per_head_dim(d64=T(32, 32, 4, 2), d72=T(32, 64, 8, 2), d96=T(32, 64, 8, 2),
+                                                      d128=T(32, 64, 8, 2))),
+        **_entries("bwd_dkdv", "fp32", _per_head_dim(d64=T(16, 64, 4, 2), d72=T(64, 64, 8, 2), d96=T(64, 64, 8, 2),
+                                                     d128=T(64, 64, 8, 2))),
+        **_entries("bwd_dq", "16bit", _per_head_dim(d64=T(64, 32, 8, 2), d72=T(64, 64, 8, 2), d96=T(64, 64, 8, 2),
+                                                    d128=T(64, 64, 8, 2))),
+        **_entries("bwd_dq", "fp32", _per_head_dim(d64=T(32, 32, 4, 2), d72=T(64, 32, 8, 2), d96=T(64, 32, 8, 2),
+                                                   d128=T(64, 32, 8, 2))),
+    },
+    90: {
+        **_entries("fwd", "16bit", _per_head_dim(d64=T(128, 64, 8, 3), d72=T(64, 64, 8, 3), d96=T(64, 64, 8, 3),
+                                                 d128=T(64, 64, 8, 3))),
+        **_entries("fwd", "fp32", _per_head_dim(d64=T(64, 64, 8, 3), d72=T(64, 32, 4, 2), d96=T(64, 32, 8, 2),
+                                                d128=T(64, 32, 8, 2))),
+        **_entries("fwd_quant", "pv_half", _per_head_dim(d64=T(128, 64, 8, 3), d72=T(64, 64, 8, 3),
+                                                         d96=T(64, 64, 8, 3), d128=T(64, 64, 8, 3))),
+        **_entries("fwd_quant", "pv_int8", _per_head_dim(d64=T(128, 64, 8, 3), d72=T(64, 64, 8, 3),
+                                                         d96=T(64, 64, 8, 3), d128=T(64, 64, 8, 3))),
+        **_entries("bwd_preprocess", "16bit", _per_head_dim(d64=T(64, 16, 4, 1), d128=T(64, 16, 4, 1))),
+        **_entries("bwd_preprocess", "fp32", _per_head_dim(d64=T(64, 16, 4, 1), d128=T(64, 16, 4, 1))),
+        **_entries("bwd_dkdv", "16bit", _per_head_dim(d64=T(64, 64, 8, 2), d72=T(32, 64, 8, 2), d96=T(32, 64, 8, 2),
+                                                      d128=T(32, 64, 8, 2))),
+        **_entries("bwd_dkdv", "fp32", _per_head_dim(d64=T(32, 64, 8, 2), d72=T(16, 32, 4, 2), d96=T(16, 32, 4, 2),
+                                                     d128=T(16, 32, 4, 2))),
+        **_entries("bwd_dq", "16bit", _per_head_dim(d64=T(64, 64, 8, 2), d72=T(64, 64, 8, 2), d96=T(64, 64, 8, 2),
+                                                    d128=T(64, 64, 8, 2))),
+        **_entries("bwd_dq", "fp32", _per_head_dim(d64=T(64, 64, 8, 2), d72=T(64, 16, 4, 2), d96=T(64, 16, 4, 2),
+                                                   d128=T(64, 16, 4, 2))),
     },
 }
-_TABLE[90] = dict(_TABLE[80])
 del T
 
 
@@ -152,13 +187,15 @@ def table_config(kernel: str, arch: int, dtype: torch.dtype, head_dim: int, *, p
     """The table's entry before fitting to a mask's block sizes."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
-    key = (kernel, _family(kernel, dtype, pv_int8), padded_head_dim(head_dim))
-    try:
-        return _TABLE[arch][key]
-    except KeyError:
-        raise ValueError(
-            f"no tuned configuration for {key} on sm_{arch}; supported head dims are {SHIPPED_HEAD_DIMS}"
-        ) from None
+    family = _family(kernel, dtype, pv_int8)
+    table = _TABLE.get(arch, {})
+    for hd in (head_dim, padded_head_dim(head_dim)):
+        if (kernel, family, hd) in table:
+            return table[(kernel, family, hd)]
+    raise ValueError(
+        f"no tuned configuration for ({kernel!r}, {family!r}, head_dim={head_dim}) on sm_{arch}; "
+        f"tuned archs are {sorted(_TABLE)} and head dims up to {MAX_HEAD_DIM}"
+    )
 
 
 def _fit(cfg: TileConfig, kernel: str, q_block: Optional[int], kv_block: Optional[int]) -> TileConfig:
