@@ -392,6 +392,18 @@ def test_wan_pipeline_training_preset_and_odd_grid():
         _check_layers(seen[1:3], cfg)
 
 
+def test_wan22_patches_both_transformers():
+    pipe = tiny_wan_pipeline(two_transformers=True)
+    with sparsegen.apply(pipe, "vmoba", backend="torch", **WAN_OPTS) as h:
+        seen = _record(h)
+        run_wan(pipe, frames=17, height=128, width=128, steps=2)
+        # boundary_ratio 0.5: the high-noise transformer serves step 0, transformer_2 step 1, so the
+        # step-1 calls come from transformer_2.
+        assert pipe.transformer_2._sparsegen_handle is h and pipe.transformer._sparsegen_handle is h
+        assert [(layer, step) for layer, step, *_ in seen] == [(i, s) for s in (0, 1) for i in range(3)]
+        _check_layers([seen[0], seen[4]], h.config)
+
+
 def test_apply_errors_are_clear():
     pipe = tiny_wan_pipeline()
     with pytest.raises(ValueError, match=r"VMoBAConfig.top_k=0 is invalid"):
