@@ -11,11 +11,13 @@ import sparsegen
 from sparsegen.kernels import BlockSparseMask
 from sparsegen.kernels.reference import reference_attention
 from sparsegen.methods import config_from_dict
-from sparsegen.methods.base import AttentionGeometry
+from sparsegen.joint import sparse_self_attention
+from sparsegen.methods.base import AttentionCall, AttentionGeometry
 from sparsegen.methods.vmoba import (
     PRESETS,
     Selection,
     VMoBAConfig,
+    VMoBAMethod,
     select_blocks,
     vmoba_attention,
     vmoba_block_scores,
@@ -448,6 +450,25 @@ def test_hunyuan_video_tokens_sparse_text_dense():
     assert {geom for _, _, geom, *_ in seen} == {AttentionGeometry(5, 8, 8)}
     _check_layers(seen, cfg)
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, base, atol=1e-4)
+
+
+def test_joint_text_attention_video_sparse_text_dense():
+    """Joint [video, text] attention: video->video VMoBA, video->text dense (padding masked), text->all."""
+    torch.manual_seed(5)
+    geom = AttentionGeometry(3, 5, 7)
+    nv, nt, b, h, d = geom.num_tokens, 9, 2, 2, 16
+    cfg = VMoBAConfig(selection="threshold_global", backend="torch", **SMALL)
+    q, k, v = (torch.randn(b, nv + nt, h, d) for _ in range(3))
+    valid = torch.ones(b, nt, dtype=torch.bool)
+    valid[1, 5:] = False
+    call = AttentionCall(geometry=geom, layer=2, backend="torch")
+    out = sparse_self_attention(VMoBAMethod(cfg), q, k, v, call, text_tokens=nt, text_key_valid=valid)
+    assert 0 < call.stats["density"] < 1 and call.stats["blocks"] == 2 * 3 * 2
+    tok = torch.ones(b, h, nv + nt, nv + nt, dtype=torch.bool)
+    tok[:, :, :nv, :nv] = ref_token_mask(q[:, :nv], k[:, :nv], geom.grid, 2, cfg)[0]
+    tok[:, :, :, nv:] &= valid[:, None, None, :]
+    (golden, _), (eager, _) = ref_outputs(q, k, v, tok)
+    assert_close_to_golden(out, eager, golden, what="joint VMoBA attention")
 
 
 # ------------------------------------------------------------------ CLI
