@@ -349,7 +349,7 @@ def _forward_quant(q, k, v, mask: BlockSparseMask, scale: float, cfg: QuantConfi
                 o = torch.matmul(p, vf[kv_tok]) / cfg.p_scale_inv
                 o = o * v_scale.reshape(b * h, d)[q_blk // nqb][:, None, :]
             else:
-                o = torch.matmul(p.to(torch.float16).float(), vf[kv_tok])
+                o = torch.matmul(p.to(half).float(), vf[kv_tok])
             o = o / torch.where(l > 0, l, torch.ones_like(l))
             ll = torch.where(l > 0, (mx + torch.log2(l)) / LOG2E, torch.full_like(l, float("-inf")))
             out.index_copy_(0, q_tok.reshape(-1), o.reshape(-1, d))
