@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import functools
 import json
 import math
 import sys
@@ -293,6 +294,8 @@ class VMoBAPartition:
 
     def to(self, device) -> "VMoBAPartition":
         device = torch.device(device)
+        if self.block_tokens.device == device:
+            return self
         return VMoBAPartition(
             self.grid, self.kind, self.extent, self.block_size, self.permutation,
             self.block_tokens.to(device), self.block_offsets.to(device), self.position_block.to(device),
@@ -342,8 +345,14 @@ def vmoba_partition(grid, layer: int, config: VMoBAConfig) -> VMoBAPartition:
     g = _check_grid(grid)
     if not _is_int(layer, 0):
         raise ValueError(f"layer must be an int >= 0, got layer={layer!r}")
-    ext = config.block_extent(layer, g)
-    bs = config.block_size
+    return _build_partition(g, layer % 3, config.block_extent(layer, g), config.block_size)
+
+
+# Partitions depend only on (grid, kind, extent, block size): memoised so that repeated
+# functional calls (vmoba_attention, vmoba_mask) do not rebuild them. Methods also keep
+# their own per-instance cache.
+@functools.lru_cache(maxsize=32)
+def _build_partition(g: tuple[int, int, int], kind: int, ext: tuple[int, int, int], bs: int) -> VMoBAPartition:
     layout = partition_layout(g, [_segments(n, e) for n, e in zip(g, ext)])
     sizes = layout.tile_offsets[1:] - layout.tile_offsets[:-1]
     padded = (sizes + bs - 1) // bs * bs
@@ -369,7 +378,7 @@ def vmoba_partition(grid, layer: int, config: VMoBAConfig) -> VMoBAPartition:
         tiles = torch.stack([(cols < w).expand(bs, bs) for w in widths])
         lookup = {w: i for i, w in enumerate(widths)}
         tile_ids[partial] = torch.tensor([lookup[w] for w in real[partial].tolist()], dtype=torch.int32)
-    return VMoBAPartition(g, layer % 3, ext, bs, permutation, sizes, offsets, position_block, owner, real,
+    return VMoBAPartition(g, kind, ext, bs, permutation, sizes, offsets, position_block, owner, real,
                           tile_ids, tiles)
 
 
