@@ -14,7 +14,7 @@ Example::
     >>> pipe = toy.load_pipeline()
     >>> video = toy.generate(pipe, ["a red circle moving right over a striped background"], seed=0)
     >>> video.shape   # (B, F, H, W, 3), float32 in [0, 1]
-    (1, 17, 64, 64, 3)
+    (1, 17, 32, 32, 3)
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ MAX_WEIGHTS_BYTES = 20 * 1024 * 1024  # shipped transformer weights must stay be
 
 # Default generation settings (the training size; see the model card).
 DEFAULT_NUM_FRAMES = 17  # 5 latent frames of 8 x 8 tokens = 320 video tokens
-DEFAULT_HEIGHT = 64
-DEFAULT_WIDTH = 64
+DEFAULT_HEIGHT = 32
+DEFAULT_WIDTH = 32
 DEFAULT_NUM_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 4.0
 FLOW_SHIFT = 3.0  # sigma shift used both to sample training noise levels and at inference
@@ -46,10 +46,13 @@ TEMPORAL_FACTOR = 4  # codec: 4 frames per latent frame (after the first)
 TEXT_DIM = 64
 
 # diffusers' own Wan transformer at small size. Token grid at the default size:
-# 5 latent frames x (16 / 2) x (16 / 2) = 320 tokens; head_dim 32 splits into
-# rotary dims t = 12, h = 10, w = 10.
+# 5 latent frames x 8 x 8 = 320 tokens; head_dim 32 splits into rotary dims
+# t = 12, h = 10, w = 10. Patch size 1: each token carries one codec cell
+# (3 x 4 x 4 x 4 = 192 values), no more than the model width (6 x 32 = 192), so the
+# output layer can express any velocity. (A 2 x 2 patch would give 768 values per
+# token through a 192-wide model: most of the target would be unreachable.)
 TRANSFORMER_CONFIG: dict = dict(
-    patch_size=(1, 2, 2),
+    patch_size=(1, 1, 1),
     num_attention_heads=6,
     attention_head_dim=32,
     in_channels=3 * TEMPORAL_FACTOR * SPATIAL_FACTOR**2,

@@ -47,7 +47,7 @@ NUM_VALIDATION_LEVELS = 8
 class TrainConfig:
     """Everything that defines a training run (saved with the model)."""
 
-    steps: int = 2000
+    steps: int = 1400
     batch_size: int = 16
     learning_rate: float = 5e-4
     warmup_steps: int = 100
@@ -387,7 +387,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     import sparsegen.toy as toy
     pipe = toy.load_pipeline()                       # a diffusers.WanPipeline, built offline
     video = toy.generate(pipe, ["two red circles moving right over a striped background"], seed=0)
-    video.shape                                      # (1, 17, 64, 64, 3), float32 in [0, 1]
+    video.shape                                      # (1, 17, 32, 32, 3), float32 in [0, 1]
     ```
     
     ## Files
@@ -403,7 +403,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     
     ## Architecture
     
-    `WanTransformer3DModel` with patch size (1, 2, 2), 6 layers, 6 heads x 32 dims (width
+    `WanTransformer3DModel` with patch size (1, 1, 1), 6 layers, 6 heads x 32 dims (width
     192), FFN 576, text dim 64, RMS q/k norm across heads, cross-attention norm, rotary
     position embedding (head dims split t = 12, h = 10, w = 10):
     {s['transformer_parameters']:,} parameters.
@@ -411,8 +411,11 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     Latent space (`sparsegen/toy/codec.py`): no learned autoencoder. A video is rearranged
     losslessly, in the causal frame layout of Wan's VAE: frame 0 alone, then groups of 4
     frames; each 4 x 4 pixel patch of the 4 stacked frames becomes 3 x 4 x 16 = 192
-    channels. A 17-frame 64 x 64 video is 5 latent frames of 16 x 16 cells; after the
-    transformer's 2 x 2 patchify, **5 x 8 x 8 = 320 video tokens** (64 per latent frame).
+    channels. A 17-frame 32 x 32 video is 5 latent frames of 8 x 8 cells, one token per
+    cell: **5 x 8 x 8 = 320 video tokens** (64 per latent frame). One token carries 192
+    values, the model's width, so the output layer can express any velocity (a 2 x 2
+    patchify would put 768 values through a 192-wide model and leave most of the
+    target unreachable).
     Latents are normalised per channel with statistics measured on 256 training-distribution
     videos. 33 frames give 9 x 8 x 8 = 576 tokens, 65 frames 17 x 8 x 8 = 1088.
     
@@ -424,10 +427,10 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
         <a|two|three> <red|green|blue|yellow> <circle|square|triangle>[s] moving <left|right|up|down>
             over a <striped|checkered|dotted|plain> background[, camera panning <left|right|up|down>]
     
-    1 to 3 objects of one colour and class (radius 6-9 px, darker outline, shaded centre)
-    move at 0.8-1.6 px/frame in the named direction and occlude each other in drawing
+    1 to 3 objects of one colour and class (radius 3-4.5 px at 32 x 32, darker outline, shaded centre)
+    move at 0.4-0.8 px/frame in the named direction and occlude each other in drawing
     order; grey low-saturation textured backgrounds; half the videos have a camera pan
-    (the background drifts). 17 frames at 64 x 64. Each video carries its ground truth
+    (the background drifts). 17 frames at 32 x 32. Each video carries its ground truth
     (positions, velocities, visibility, colour, camera motion).
     
     ## Training
@@ -462,14 +465,14 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
       density sweeps, 2x and 4x length): `python evals/quality.py`, results in
       `evals/results/quality.md`.
     
-    Default generation settings: 17 frames, 64 x 64, 20 steps, guidance 4.0.
+    Default generation settings: 17 frames, 32 x 32, 20 steps, guidance 4.0.
     
     ## Limitations
     
     - Tiny and briefly trained: generations are rough (see the samples in
       `evals/results/toy.md`); it is an instrument for comparing attention methods, not a
       video generator.
-    - Trained only at 17 frames, 64 x 64. Longer videos (33, 65 frames) rely on the rotary
+    - Trained only at 17 frames, 32 x 32. Longer videos (33, 65 frames) rely on the rotary
       embedding extrapolating in time; dense and sparse are compared there against each
       other, not against ground truth.
     - 320 tokens at the training size: sparse methods need small blocks (16-64 tokens) to
