@@ -83,7 +83,7 @@ class BuildResult:
     shared_bytes: int = 0
     shared_limit: int = 0
     registers: int = 0
-    compile_seconds: float = 0.0
+    compile_seconds: float = 0.0     # compile (or Triton cache hit) + cuobjdump
     problems: list[str] = field(default_factory=list)
     passed: bool = False
 
@@ -177,8 +177,10 @@ def cuobjdump_path() -> Path:
         return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def _run_cuobjdump(flag: str, cubin: Path) -> str:
-    out = subprocess.run([str(cuobjdump_path()), flag, str(cubin)], capture_output=True, text=True, check=True)
+def _run_cuobjdump(cubin: Path) -> str:
+    """``cuobjdump -res-usage -sass``: resource lines and the disassembly in one call."""
+    out = subprocess.run([str(cuobjdump_path()), "-res-usage", "-sass", str(cubin)], capture_output=True, text=True,
+                         check=True)
     return out.stdout
 
 
@@ -242,8 +244,8 @@ def _compile_one(cfg: tuning.ShippedConfig) -> BuildResult:
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "kernel.cubin"
             cubin.write_bytes(kernel.asm["cubin"])
-            usage = parse_res_usage(_run_cuobjdump("-res-usage", cubin))
-            ops = parse_sass_opcodes(_run_cuobjdump("-sass", cubin))
+            dump = _run_cuobjdump(cubin)
+        usage, ops = parse_res_usage(dump), parse_sass_opcodes(dump)
         res.registers = usage["registers"]
         res.spill_bytes = usage["stack"] + usage["local"]
         res.local_memory_instructions = sum(ops.get(o, 0) for o in _SPILL_OPS)

@@ -245,6 +245,10 @@ def triton_block_sparse_attention(
     Returns:
         out (B, Sq, H, D) in q's dtype; lse fp32 (B, H, Sq), natural log (-inf for rows
         that attend nothing, whose output is 0).
+
+    Precision: products run on the tensor cores; fp32 inputs use TF32 operands with
+    fp32 accumulation (relative error ~1e-3, as torch with ``allow_tf32``); the
+    softmax statistics and accumulators are fp32 for every dtype.
     """
     if quant is not None:
         return torch.ops.sparsegen.bsa_fwd_quant(

@@ -9,6 +9,7 @@ Gradients start as NaN (SPARSEGEN_POISON_OUTPUTS=1 in conftest), so an element t
 kernels skip fails the finiteness check of ``assert_close_to_golden``.
 
 bf16 cannot run in the interpreter (see tests/test_triton_attention.py); fp16 stands in.
+The interpreter multiplies fp32 in fp32 (the GPU builds use TF32 operands).
 """
 
 from __future__ import annotations
