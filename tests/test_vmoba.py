@@ -243,6 +243,37 @@ def test_output_equals_reference_masked_attention(selection, layer):
     assert (out.double() - dense).abs().max().item() > 1e-3, "the selection must really be sparse"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unpadded_keys_on_the_torch_path_equal_reference(backend, monkeypatch):
+    # Spatial blocks of 6 x 2 x 4 = 48 tokens with 64-token query blocks: the padded layout
+    # needs tiles; 48-token key blocks divide every block, which the torch path uses.
+    torch.manual_seed(9)
+    grid = (6, 4, 8)
+    cfg = VMoBAConfig(spatial_block=(2, 4), top_k=3, block_size=64, selection="threshold")
+    part = vmoba_partition(grid, 1, cfg)
+    assert part.tiles is not None and part.unpadded_keys[1] == 48
+    q, k, v = (torch.randn(2, 192, 2, 16) for _ in range(3))
+    tok, _ = ref_token_mask(q, k, grid, 1, cfg)
+    assert not tok.all()
+    import sparsegen.methods.vmoba as vmoba_module
+
+    engine, masks = vmoba_module.block_sparse_attention, []
+
+    def spy(q_, k_, v_, mask, **kw):
+        masks.append(mask)
+        return engine(q_, k_, v_, mask, **kw)
+
+    monkeypatch.setattr(vmoba_module, "block_sparse_attention", spy)
+    out, lse = vmoba_attention(q, k, v, grid=grid, layer=1, config=cfg, backend=backend, return_lse=True)
+    # torch: unpadded 48-token key blocks, no tiles; Triton: padded 64-token key blocks with tiles.
+    (mask,) = masks
+    assert (mask.kv_block_size, mask.kv_len, mask.has_tiles) == ((48, 192, False) if backend == "torch"
+                                                                  else (64, 256, True))
+    (golden, golden_lse), (eager, eager_lse) = ref_outputs(q, k, v, tok)
+    assert_close_to_golden(out, eager, golden, what=f"vmoba unpadded keys {backend} grid={grid} fp32")
+    assert_close_to_golden(lse, eager_lse, golden_lse, what=f"vmoba unpadded keys {backend} lse")
+
+
 def test_output_triton_interpreter():
     torch.manual_seed(3)
     grid = (2, 5, 6)
@@ -255,11 +286,18 @@ def test_output_triton_interpreter():
     assert_close_to_golden(out, eager, golden, what=f"vmoba triton grid={grid} fp32")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gradients_equal_reference_autograd(backend):
+GRAD_CASES = {
+    # padded keys with token tiles: blocks of 16 and 8 tokens in 16-token query blocks
+    "padded": ((2, 5, 6), 2, VMoBAConfig(selection="topk", **SMALL)),
+    # unpadded 48-token key blocks on the torch path (query blocks of 64)
+    "unpadded": ((6, 4, 8), 1, VMoBAConfig(spatial_block=(2, 4), top_k=3, block_size=64)),
+}
+
+
+@pytest.mark.parametrize("backend,case", [("torch", "padded"), ("triton", "padded"), ("torch", "unpadded")])
+def test_gradients_equal_reference_autograd(backend, case):
     torch.manual_seed(21)
-    grid, layer = (2, 5, 6), 2
-    cfg = VMoBAConfig(selection="topk", **SMALL)
+    grid, layer, cfg = GRAD_CASES[case]
     n = math.prod(grid)
     inputs = [torch.randn(1, n, 2, 16) for _ in range(3)]
     grad_out = torch.randn(1, n, 2, 16)

@@ -25,6 +25,10 @@ the mask's token tiles, pad queries are dropped on the way back::
     grid order ──permute──> | block 0 ....... pad | block 1 ..... pad | ...
                               \\_ query blocks _/    (block_size positions each)
 
+On the CPU torch path, when a key block size g >= min(block_size, 32) divides every
+partition block, the keys are laid out without padding in blocks of g tokens instead
+(no token tiles, which that path runs much faster); the selection is the same.
+
 **Score** of key block ``j`` for query block ``i`` (per batch element and head), in fp32::
 
     score[i, j] = mean(q over query block i) · mean(k over key block j)
@@ -99,6 +103,10 @@ __all__ = [
     "CONFIG",
     "METHOD",
 ]
+
+# Smallest key block the torch path uses for unpadded keys (smaller blocks cost more in
+# per-block overhead than the token tiles of the padded layout).
+_MIN_UNPADDED_KEY_BLOCK = 32
 
 # Layer kind of layer l is LAYER_KINDS[l % 3].
 LAYER_KINDS = ("temporal", "spatial", "spatiotemporal")
@@ -265,6 +273,9 @@ class VMoBAPartition:
         query_block_tokens: long (Qb,): real tokens of each query block.
         kv_tile_ids: int32 (Qb,): -1 for kernel key blocks without padding, else an index
             into ``tiles``; ``tiles`` bool (T, block_size, block_size) keeps the real columns.
+        unpadded_keys: None, or (key permutation without padding (N -> N), key block size
+            g, long (N / g,) partition block of each key block) when a g >= min(block_size,
+            32) divides every partition block: keys then need neither padding nor tiles.
     """
 
     grid: tuple[int, int, int]
@@ -279,6 +290,7 @@ class VMoBAPartition:
     query_block_tokens: torch.Tensor
     kv_tile_ids: torch.Tensor
     tiles: Optional[torch.Tensor]
+    unpadded_keys: Optional[tuple[TokenPermutation, int, torch.Tensor]] = None
 
     @property
     def num_blocks(self) -> int:
@@ -301,16 +313,29 @@ class VMoBAPartition:
             self.block_tokens.to(device), self.block_offsets.to(device), self.position_block.to(device),
             self.query_block_owner.to(device), self.query_block_tokens.to(device), self.kv_tile_ids.to(device),
             None if self.tiles is None else self.tiles.to(device),
+            None if self.unpadded_keys is None else (self.unpadded_keys[0], self.unpadded_keys[1],
+                                                     self.unpadded_keys[2].to(device)),
         )
 
-    def block_mask(self, selected: torch.Tensor) -> BlockSparseMask:
+    def block_mask(self, selected: torch.Tensor, *, unpadded_keys: bool = False) -> BlockSparseMask:
         """The kernel mask of a block selection.
 
         Args:
             selected: bool (B, H, Qb, P): query block i attends partition block j.
+            unpadded_keys: keys in ``unpadded_keys[0]``'s order (no padding, no tiles)
+                instead of the padded order; needs ``unpadded_keys``.
         Returns:
-            BlockSparseMask over the kernel order, layout (B, H, Qb, Qb), q_len = kv_len = L.
+            BlockSparseMask, layout (B, H, Qb, Kb): q_len = L, kv_len = L (padded keys, Kb =
+            Qb) or N (unpadded keys, Kb = N / g).
         """
+        if unpadded_keys:
+            if self.unpadded_keys is None:
+                raise ValueError(f"no key block size divides every partition block of grid {self.grid} "
+                                 f"(blocks of {sorted(set(self.block_tokens.tolist()))} tokens)")
+            kv_perm, g, kv_owner = self.unpadded_keys
+            blocks = selected.index_select(-1, kv_owner.to(selected.device))
+            return BlockSparseMask.from_block_matrix(blocks, q_len=self.length, kv_len=kv_perm.num_tokens,
+                                                     q_block_size=self.block_size, kv_block_size=g)
         kv_owner = self.query_block_owner.to(selected.device)
         blocks = selected.index_select(-1, kv_owner)
         n = self.length
@@ -378,8 +403,14 @@ def _build_partition(g: tuple[int, int, int], kind: int, ext: tuple[int, int, in
         tiles = torch.stack([(cols < w).expand(bs, bs) for w in widths])
         lookup = {w: i for i, w in enumerate(widths)}
         tile_ids[partial] = torch.tensor([lookup[w] for w in real[partial].tolist()], dtype=torch.int32)
+    unpadded = None
+    if tiles is not None:
+        common = math.gcd(*sizes.tolist())
+        kv_block = max(d for d in range(1, min(bs, common) + 1) if common % d == 0)
+        if kv_block >= min(bs, _MIN_UNPADDED_KEY_BLOCK):
+            unpadded = (layout, kv_block, block_of[::kv_block].contiguous())
     return VMoBAPartition(g, kind, ext, bs, permutation, sizes, offsets, position_block, owner, real,
-                          tile_ids, tiles)
+                          tile_ids, tiles, unpadded)
 
 
 # ------------------------------------------------------------------ selection
@@ -513,9 +544,19 @@ def vmoba_mask(q: torch.Tensor, k: torch.Tensor, grid, layer: int,
 
 def _attend(part: VMoBAPartition, q, k, v, layer: int, config: VMoBAConfig, backend: str, stats: Optional[dict]):
     perm = part.permutation
-    qp, kp, vp = perm.apply(q), perm.apply(k), perm.apply(v)
+    qp, kp = perm.apply(q), perm.apply(k)
     selected = _select_for(part, qp, kp, layer, config)
-    mask = part.block_mask(selected)
+    # The CPU torch path runs masks without token tiles much faster (it can merge query
+    # blocks and skips the per-token bias), so there keys go unpadded when a key block
+    # size divides every partition block. The Triton kernels prefer power-of-two blocks.
+    torch_path = backend == "torch" or (backend == "auto" and q.device.type != "cuda")
+    if torch_path and part.unpadded_keys is not None:
+        kv_perm = part.unpadded_keys[0]
+        mask = part.block_mask(selected, unpadded_keys=True)
+        kp, vp = kv_perm.apply(k), kv_perm.apply(v)
+    else:
+        mask = part.block_mask(selected)
+        vp = perm.apply(v)
     out, lse = block_sparse_attention(qp, kp, vp, mask, return_lse=True, backend=backend)
     if stats is not None:
         n = perm.num_tokens
