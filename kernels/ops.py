@@ -211,10 +211,11 @@ def triton_support_error(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask,
     """
     if q.dtype not in _TRITON_DTYPES:
         return f"backend='triton' supports {_TRITON_DTYPES}, got {q.dtype=}; cast the inputs or use backend='torch'"
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and _interpreting():
+    bf16_dot = quant is None or quant.pv != PVFormat.INT8  # INT8 P·V multiplies only integers
+    if q.dtype == torch.bfloat16 and bf16_dot and q.device.type == "cpu" and _interpreting():
         return ("bf16 inputs cannot run in Triton's interpreter (TRITON_INTERPRET=1): its tl.dot returns garbage "
-                "for bf16 operands (triton 3.x); run on a CUDA device, or use float16 / float32 to test the "
-                "kernels in the interpreter")
+                "for bf16 operands (triton 3.x); run on a CUDA device, or use float16 / float32 (or a quant "
+                "preset with INT8 P·V, which has no bf16 product) to test the kernels in the interpreter")
     d = q.shape[-1]
     if not (tuning.MIN_HEAD_DIM <= d <= tuning.MAX_HEAD_DIM):
         return (f"backend='triton' supports head_dim in [{tuning.MIN_HEAD_DIM}, {tuning.MAX_HEAD_DIM}] "

@@ -6,10 +6,12 @@ kernel forgets to write fails the finiteness checks below).
 
 bf16: the interpreter's ``tl.dot`` returns garbage for bf16 operands (triton 3.x,
 DESIGN.md "Verification without a GPU"), and the backend refuses bf16 there with a
-message (tested below). The bf16 builds share every line of kernel code with the fp16
-builds (the dtype only changes the operand type of the dots), so the fp16 cases here
-stand in for them numerically, and the ahead-of-time gate (tests/test_gpu_check.py)
-compiles the bf16 builds for sm_80 / sm_90.
+message (tested below). Where no bf16 product is involved it runs: the INT8-P·V presets
+with bf16 inputs are tested like the others. For the float kernels and the half-P·V
+kernel the bf16 builds share every line of code with the fp16 builds (the dtype only
+changes the operand type of the dots), so the fp16 cases stand in for them
+numerically, and the ahead-of-time gate (tests/test_gpu_check.py) compiles the bf16
+builds for sm_80 / sm_90.
 
 fp32: on a GPU the fp32 builds multiply with TF32 operands (see
 ``triton_attention._dot_precision``); the interpreter ignores the dot precision and
@@ -110,6 +112,9 @@ def test_bf16_is_refused_in_the_interpreter_with_the_reason():
     assert not can_run_triton(q, k, v, mask)
     with pytest.raises(ValueError, match=r"bf16 inputs cannot run in Triton's interpreter.*float16 / float32"):
         block_sparse_attention(q, k, v, mask, backend="triton")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"bf16 inputs cannot run in Triton's interpreter"):
+        block_sparse_attention(q, k, v, mask, backend="triton", quant="int8")  # half P·V: a bf16 product
+    assert can_run_triton(q, k, v, mask, resolve_quant("int8-pv8"))
 
 
 # ---------------------------------------------------------------------------- quantized
@@ -146,6 +151,8 @@ _SQNR_FLOOR_DB = {"int8": 34.0, "int4": 9.5, "int8-pv8": 29.5, "int4-pv8": 9.5}
 QUANT_CASES = [
     # (b, s, h, d, mask kind, preset, dtype)
     *[(2, 97, 2, 64, "tiles", p, dt) for p in ("int8", "int4", "int8-pv8", "int4-pv8") for dt in DTYPES],
+    # bf16 runs where the kernel has no bf16 product (module docstring).
+    *[(2, 97, 2, 64, "tiles", p, torch.bfloat16) for p in ("int8-pv8", "int4-pv8")],
     (1, 1000, 1, 96, "blocks", "int8", torch.float16),
     (1, 1025, 1, 128, "blocks", "int8-pv8", torch.float32),
     (1, 1025, 1, 72, "blocks", "int4", torch.float32),
