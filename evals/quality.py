@@ -21,10 +21,11 @@ settings that change its density:
   against radial: PSNR, SSIM, density, time, and whether colour and motion still
   follow the prompt.
 
-Writes ``<out>/quality.json``, ``<out>/quality.csv`` (long format),
-``<out>/density_vs_psnr_<method>.png``, ``<out>/attention_error.png`` and the markdown
-page ``evals/results/quality.md`` (``--results``). Times are wall-clock on a CPU and
-are indicative only (the machine may be shared).
+Writes ``<out>/quality.json``, ``<out>/quality.csv`` (long format), the markdown page
+``evals/results/quality.md`` (``--results``) and its figures
+``density_vs_psnr_<method>.png`` and ``attention_error.png`` in the folder named like
+the page without ``.md`` (``evals/results/quality/``; ``--figures``). Times are
+wall-clock on a CPU and are indicative only (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -191,7 +193,8 @@ def run_sweep(pipe, prompts, *, seed, steps, sweeps, record_steps) -> tuple[dict
     plain = toy.generate(pipe, prompts, seed=seed, num_inference_steps=steps)
     dense_seconds = time.perf_counter() - tic
     geometry = recorded[0].geometry
-    reference = {"dense_seconds": dense_seconds, "recorder_vs_plain_max_abs": float(np.abs(plain - dense).max())}
+    reference = {"dense_seconds": dense_seconds, "recorder_vs_plain_max_abs": float(np.abs(plain - dense).max()),
+                 "geometry": f"{geometry.frames} x {geometry.height} x {geometry.width}"}
     rows = []
     for method_name, sweep in sweeps.items():
         for options in sweep:
@@ -245,7 +248,10 @@ def run_long(pipe, specs, *, seed, steps, frames_list) -> list[dict]:
             return {"colour": float(np.mean([m.colour == sp.colour for m, sp in zip(ms, specs)])),
                     "direction": float(np.mean([m.direction == sp.direction for m, sp in zip(ms, specs)]))}
 
-        row = {"frames": frames, "latent_frames": (frames - 1) // 4 + 1, "tokens": ((frames - 1) // 4 + 1) * 64,
+        latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
+        tokens_per_frame = (toy.DEFAULT_HEIGHT // pipe.vae_scale_factor_spatial) * (
+            toy.DEFAULT_WIDTH // pipe.vae_scale_factor_spatial)  # patch size 1: one token per latent cell
+        row = {"frames": frames, "latent_frames": latent_frames, "tokens": latent_frames * tokens_per_frame,
                "radial_options": LONG_RADIAL, "psnr_per_video": p, "ssim_per_video": s, "psnr": finite_mean(p),
                "ssim": float(np.mean(s)), **dens, "dense_seconds": dense_seconds, "radial_seconds": radial_seconds,
                "prompt_following_dense": follows(dense), "prompt_following_radial": follows(radial)}
@@ -318,15 +324,17 @@ def write_csv(result: dict, path: Path) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["section", "method", "options", "frames", "prompt_index", "metric", "value", "sparsegen", "torch"])
+        frames = result["video_size"]["num_frames"]
         for r in result["sweep"]:
             opts = json.dumps(r["options"], sort_keys=True)
             for i, (p, s) in enumerate(zip(r["psnr_per_video"], r["ssim_per_video"])):
-                w.writerow(["sweep", r["method"], opts, 17, i, "psnr_db", p, *versions.values()])
-                w.writerow(["sweep", r["method"], opts, 17, i, "ssim", s, *versions.values()])
+                w.writerow(["sweep", r["method"], opts, frames, i, "psnr_db", p, *versions.values()])
+                w.writerow(["sweep", r["method"], opts, frames, i, "ssim", s, *versions.values()])
             for metric in ("effective_density", "sparse_call_density", "mask_token_density", "seconds"):
-                w.writerow(["sweep", r["method"], opts, 17, "", metric, r[metric], *versions.values()])
+                w.writerow(["sweep", r["method"], opts, frames, "", metric, r[metric], *versions.values()])
             for layer, e in r["attention_rel_l1_per_layer"].items():
-                w.writerow(["sweep", r["method"], opts, 17, "", f"attention_rel_l1_layer{layer}", e, *versions.values()])
+                w.writerow(["sweep", r["method"], opts, frames, "", f"attention_rel_l1_layer{layer}", e,
+                            *versions.values()])
         for r in result["long"]:
             opts = json.dumps(r["radial_options"], sort_keys=True)
             for i, (p, s) in enumerate(zip(r["psnr_per_video"], r["ssim_per_video"])):
@@ -356,8 +364,9 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"Model `{result['model_path']}` (diffusers `WanTransformer3DModel`, 6 layers, 6 heads; see its model card). "
         f"{result['num_prompts']} fixed prompts (`sparsegen.toy.data.evaluation_specs`), seeds {result['seed']} + prompt "
-        f"index, {result['steps']} denoising steps, guidance {result['guidance_scale']}, 17 frames at 64 x 64 = "
-        f"{result['geometry']} latent tokens (frames x rows x columns). Sparse and dense generations share seeds; "
+        f"index, {result['steps']} denoising steps, guidance {result['guidance_scale']}, "
+        f"{result['video_size']['num_frames']} frames at {result['video_size']['height']} x "
+        f"{result['video_size']['width']} = {result['geometry']} latent tokens (frames x rows x columns). Sparse and dense generations share seeds; "
         "PSNR and SSIM are of the sparse video against the dense one, averaged over prompts. "
         f"Machine: {result['machine']}; wall time {result['wall_seconds']:.0f} s.",
         "",
@@ -402,8 +411,11 @@ def write_markdown(result: dict, path: Path) -> None:
     for r in result["sweep"]:
         errs = r["attention_rel_l1_per_layer"]
         lines.append(f"| {r['method']} | {r['label']} | " + " | ".join(_fmt(errs[l], ".4f") for l in errs) + " |")
-    lines += ["", "Figures (in `evals/out/quality/`, regenerated by the command above): "
-              + ", ".join(f"`{Path(p).name}`" for p in result["figures"]) + ".", ""]
+    links = result["figure_links"]
+    lines += ["", "Density against PSNR, one figure per method (the other methods' points in grey), and the "
+              "per-layer attention error of every setting (regenerated by the command above):", ""]
+    lines += [f"![{Path(link).stem}]({link})" for link in links]
+    lines.append("")
     lines += [
         "## Longer videos than the model was trained on (dense vs radial)",
         "",
@@ -438,7 +450,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "out" / "quality")
     parser.add_argument("--results", type=Path, default=REPO / "evals" / "results" / "quality.md",
                         help="markdown page to write ('-' to skip)")
+    parser.add_argument("--figures", type=Path, default=None,
+                        help="folder for the PNGs (default: the results page's path without .md, or --out)")
     args = parser.parse_args(argv)
+    figure_dir = args.figures or (args.out if str(args.results) == "-" else args.results.with_suffix(""))
     torch.set_num_threads(args.threads)
     tic = time.perf_counter()
     n = args.prompts or (2 if args.quick else 8)
@@ -464,17 +479,21 @@ def main(argv=None) -> int:
     long_rows = run_long(pipe, long_specs, seed=args.seed, steps=steps, frames_list=LONG_FRAMES[:1] if args.quick else LONG_FRAMES)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    figures = plot_density_vs_psnr(rows, args.out)
-    plot_attention_errors(rows, args.out / "attention_error.png")
-    figures.append(args.out / "attention_error.png")
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    figures = plot_density_vs_psnr(rows, figure_dir)
+    plot_attention_errors(rows, figure_dir / "attention_error.png")
+    figures.append(figure_dir / "attention_error.png")
+    page_dir = args.out if str(args.results) == "-" else args.results.parent
     result = {
         "command": "python evals/quality.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "model_path": str(args.model_path or toy.ASSET_DIR.relative_to(REPO)),
         "num_prompts": n, "prompts": [s.prompt for s in specs], "long_prompts": [s.prompt for s in long_specs],
         "steps": steps, "seed": args.seed, "guidance_scale": toy.DEFAULT_GUIDANCE_SCALE, "record_steps": record_steps,
-        "geometry": "5 x 8 x 8", "layers": sorted({int(k) for r in rows for k in r["attention_rel_l1_per_layer"]}),
+        "video_size": {"num_frames": toy.DEFAULT_NUM_FRAMES, "height": toy.DEFAULT_HEIGHT, "width": toy.DEFAULT_WIDTH},
+        "geometry": reference["geometry"], "layers": sorted({int(k) for r in rows for k in r["attention_rel_l1_per_layer"]}),
         "methods": available, "methods_missing": missing, "lpips": lpips_status(), "reference": reference,
         "sweep": rows, "long": long_rows, "figures": [str(p) for p in figures],
+        "figure_links": [os.path.relpath(p, page_dir) for p in figures],
         "machine": f"{platform.machine()} CPU, {args.threads} threads", "versions": {
             "sparsegen": sparsegen.__version__, "torch": torch.__version__},
         "wall_seconds": time.perf_counter() - tic,

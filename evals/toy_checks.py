@@ -16,14 +16,16 @@
    Chebyshev distance (tokens); the summary is the mass on the 3 x 3 x 3 token
    neighbourhood divided by its share under uniform attention (1 = no locality).
 
-Writes ``<out>/toy_checks.json``, ``<out>/attention_locality.png``,
-``<out>/samples.png`` and the markdown page ``evals/results/toy.md`` (``--results``).
+Writes ``<out>/toy_checks.json``, the markdown page ``evals/results/toy.md``
+(``--results``) and its figures ``attention_locality.png`` and ``samples.png`` in the
+folder named like the page without ``.md`` (``evals/results/toy/``; ``--figures``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -40,6 +42,8 @@ from sparsegen.toy.probe import locality_profile, record_attention_inputs
 REPO = Path(__file__).resolve().parent.parent
 CHANCE = {"colour": 1 / len(COLOURS), "direction": 1 / len(DIRECTIONS), "count": 1 / 3, "background": 1 / len(BACKGROUNDS)}
 CALIBRATION_OFFSET = 500_000  # background-classifier videos: evaluation range, far from the prompt seeds
+# Everything is rendered, generated and measured at the model's training size.
+VIDEO_SIZE = dict(num_frames=toy.DEFAULT_NUM_FRAMES, height=toy.DEFAULT_HEIGHT, width=toy.DEFAULT_WIDTH)
 
 
 class BackgroundClassifier:
@@ -50,7 +54,7 @@ class BackgroundClassifier:
         for i in range(num_videos):
             seed = SEED_RANGES["evaluation"] + CALIBRATION_OFFSET + i
             background = BACKGROUNDS[i % len(BACKGROUNDS)]
-            video = render_video(seed, spec=_with_background(seed, background))
+            video = render_video(seed, spec=_with_background(seed, background), **VIDEO_SIZE)
             feats.append(measure_video(video.frames).background)
             labels.append(background)
         feats = np.array(feats)
@@ -108,19 +112,21 @@ def score(videos, specs, truths, classifier) -> dict:
 
 
 def generate_all(pipe, prompts, *, seed, steps, batch, record_steps):
-    """Dense generations (N, F, H, W, 3) and the locality profile per layer."""
+    """Dense generations (N, F, H, W, 3), the locality profile per layer, and the token
+    grid as text ('frames x rows x columns')."""
     videos, records = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         if start == 0:  # attention maps of the first batch (conditional pass only)
             with record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1) as recs:
-                videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps))
+                videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps, **VIDEO_SIZE))
             records = list(recs)
         else:
-            videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps))
+            videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps, **VIDEO_SIZE))
     layers = sorted({r.layer for r in records})
     profiles = {layer: locality_profile([r for r in records if r.layer == layer]) for layer in layers}
-    return np.concatenate(videos), profiles
+    g = records[0].geometry
+    return np.concatenate(videos), profiles, f"{g.frames} x {g.height} x {g.width}"
 
 
 def plot_locality(profiles: dict, path: Path) -> None:
@@ -197,7 +203,9 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"Model: `{result['model_path']}`. {result['num_prompts']} fixed prompts (`sparsegen.toy.data.evaluation_specs`), "
         f"{result['steps']} denoising steps, guidance {result['guidance_scale']}, seed {result['seed']} + prompt index, "
-        f"17 frames at 64 x 64. Wall time {result['wall_seconds']:.0f} s.",
+        f"{result['video_size']['num_frames']} frames at {result['video_size']['height']} x "
+        f"{result['video_size']['width']} ({result['geometry']} latent tokens, frames x rows x columns). "
+        f"Wall time {result['wall_seconds']:.0f} s (torch threads: {result['threads']}; the machine may be shared).",
         "",
         "## Prompt following (accuracy of each check)",
         "",
@@ -218,12 +226,13 @@ def write_markdown(result: dict, path: Path) -> None:
         "How each check reads a video: foreground = pixels whose HSV saturation is above the midpoint between the most "
         "saturated background and the least saturated object colour the generator can make; colour = the named colour "
         "nearest in hue to most foreground pixels; direction = the named direction closest to the fitted motion of the "
-        "foreground centroid; count = most frequent number of foreground-interior regions per frame (the darker "
-        "outline rings removed); background = nearest centroid of three texture features, fitted on "
+        "foreground centroid; count = most frequent number of objects per frame (foreground regions, each split into "
+        "the regions of its bright interior, i.e. without the darker outline rings, when it holds several; the "
+        "generator's own count falls short where an object stays mostly hidden behind another); background = nearest centroid of three texture features, fitted on "
         f"{result['background_classifier']['videos']} separate generator videos (accuracy on them "
         f"{result['background_classifier']['training_accuracy']:.2f}).",
         "",
-        "![samples](../out/toy_checks/samples.png)",
+        f"![samples]({result['figure_links']['samples']})",
         "",
         "## Attention locality",
         "",
@@ -245,9 +254,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"| mean | {result['locality']['trained_mean_local_ratio']:.2f} | | | "
         f"{result['locality']['untrained_mean_local_ratio']:.2f} |",
         "",
-        "![attention locality](../out/toy_checks/attention_locality.png)",
+        f"![attention locality]({result['figure_links']['attention_locality']})",
         "",
-        "The figures live in `evals/out/` (not committed); the command above regenerates them.",
+        "The command above regenerates this page, its figures and `toy_checks.json` (in `--out`).",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +275,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "out" / "toy_checks")
     parser.add_argument("--results", type=Path, default=REPO / "evals" / "results" / "toy.md",
                         help="markdown page to write ('-' to skip)")
+    parser.add_argument("--figures", type=Path, default=None,
+                        help="folder for the PNGs (default: the results page's path without .md, or --out)")
     args = parser.parse_args(argv)
+    figures = args.figures or (args.out if str(args.results) == "-" else args.results.with_suffix(""))
     torch.set_num_threads(args.threads)
     n = args.prompts or (4 if args.quick else 24)
     steps = args.steps or (4 if args.quick else toy.DEFAULT_NUM_INFERENCE_STEPS)
@@ -275,13 +287,13 @@ def main(argv=None) -> int:
 
     specs = evaluation_specs(n)
     prompts = [s.prompt for s in specs]
-    truths = [render_video(SEED_RANGES["evaluation"] + i, spec=s) for i, s in enumerate(specs)]
+    truths = [render_video(SEED_RANGES["evaluation"] + i, spec=s, **VIDEO_SIZE) for i, s in enumerate(specs)]
     classifier = BackgroundClassifier(16 if args.quick else 64)
 
     pipes = {"trained": toy.load_pipeline(path=args.model_path), "untrained": untrained_pipeline(args.model_path)}
     videos, profiles = {}, {}
     for name, pipe in pipes.items():
-        videos[name], profiles[name] = generate_all(pipe, prompts, seed=args.seed, steps=steps, batch=args.batch,
+        videos[name], profiles[name], geometry = generate_all(pipe, prompts, seed=args.seed, steps=steps, batch=args.batch,
                                                     record_steps=record_steps)
         print(f"generated {n} videos with the {name} model ({time.monotonic() - tic:.0f} s)", flush=True)
     real = np.stack([t.frames for t in truths])
@@ -290,7 +302,8 @@ def main(argv=None) -> int:
         "command": "python evals/toy_checks.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "model_path": str(args.model_path or toy.ASSET_DIR.relative_to(REPO)),
         "num_prompts": n, "steps": steps, "seed": args.seed, "guidance_scale": toy.DEFAULT_GUIDANCE_SCALE,
-        "record_steps": record_steps, "recorded_prompts": min(args.batch, n),
+        "record_steps": record_steps, "recorded_prompts": min(args.batch, n), "video_size": VIDEO_SIZE,
+        "threads": args.threads, "geometry": geometry,
         "background_classifier": {"videos": 16 if args.quick else 64, "training_accuracy": classifier.training_accuracy},
         "chance": CHANCE,
         "real": score(real, specs, truths, classifier),
@@ -303,11 +316,15 @@ def main(argv=None) -> int:
     result["wall_seconds"] = time.monotonic() - tic
 
     args.out.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    figure_paths = {"attention_locality": figures / "attention_locality.png", "samples": figures / "samples.png"}
+    page_dir = args.out if str(args.results) == "-" else args.results.parent
+    result["figure_links"] = {k: os.path.relpath(p, page_dir) for k, p in figure_paths.items()}
     (args.out / "toy_checks.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot_locality(profiles, args.out / "attention_locality.png")
+    plot_locality(profiles, figure_paths["attention_locality"])
     shown = min(4, n)
     plot_samples([("generator", real[:shown]), ("trained model", videos["trained"][:shown]),
-                  ("untrained model", videos["untrained"][:shown])], prompts[:shown], args.out / "samples.png")
+                  ("untrained model", videos["untrained"][:shown])], prompts[:shown], figure_paths["samples"])
     if str(args.results) != "-":
         write_markdown(result, args.results)
     for name in ("real", "trained", "untrained"):

@@ -3,7 +3,7 @@
     >>> import sparsegen.toy as toy
     >>> pipe = toy.load_pipeline()            # a diffusers.WanPipeline, built offline
     >>> toy.generate(pipe, ["a red circle moving right over a striped background"], seed=0).shape
-    (1, 17, 64, 64, 3)
+    (1, 17, 32, 32, 3)
 
 Submodules: ``data`` (procedural videos with ground truth), ``codec`` (lossless latent
 space), ``text`` (prompt encoder), ``pipeline`` (load / build / generate), ``train``

@@ -71,7 +71,10 @@ OUTLINE_WIDTH_PX = 1.5
 OUTLINE_DARKENING = 0.45
 CENTRE_BRIGHTENING = 0.15
 
-# Sizes and speeds are given for a 64-pixel frame and scale with min(height, width).
+# The toy model's frame size (sparsegen.toy.pipeline.DEFAULT_HEIGHT / DEFAULT_WIDTH).
+DEFAULT_SIZE_PX = 32
+# Sizes and speeds are given for a 64-pixel frame and scale with min(height, width)
+# (at 32 x 32: radius 3-4.5 px, 0.4-0.8 px per frame); the outline width does not scale.
 REFERENCE_SIZE_PX = 64
 RADIUS_RANGE_PX = (6.0, 9.0)
 SPEED_RANGE_PX = (0.8, 1.6)  # pixels per frame along the direction of motion
@@ -283,8 +286,8 @@ def render_video(
     seed: int,
     *,
     num_frames: int = 17,
-    height: int = 64,
-    width: int = 64,
+    height: int = DEFAULT_SIZE_PX,
+    width: int = DEFAULT_SIZE_PX,
     spec: PromptSpec | str | None = None,
 ) -> ToyVideo:
     """Render one video; the same arguments always give the same video.
@@ -388,7 +391,7 @@ def render_video(
 
 
 def render_batch(
-    seeds, *, num_frames: int = 17, height: int = 64, width: int = 64
+    seeds, *, num_frames: int = 17, height: int = DEFAULT_SIZE_PX, width: int = DEFAULT_SIZE_PX
 ) -> tuple[torch.Tensor, list[str], list[ToyVideo]]:
     """Render several videos as a model-ready batch.
 

@@ -92,6 +92,11 @@ MIN_VALUE = 0.1  # saturation is meaningless for near-black pixels
 INTERIOR_BRIGHTNESS = 0.5 * ((1 - OUTLINE_DARKENING) + (1 - CENTRE_BRIGHTENING))
 # Connected foreground regions smaller than a quarter of the smallest object's area are noise.
 _SMALLEST_OBJECT_AREA = (3 * math.sqrt(3) / 4) * (1.3 * RADIUS_RANGE_PX[0]) ** 2  # the smallest triangle
+# The outline ring keeps its width in pixels (OUTLINE_WIDTH_PX) while objects shrink with the
+# frame, so at 32 x 32 the bright interior of a small triangle is 0-3 pixels: an interior
+# region is only used to split a foreground region between objects, and a single interior
+# pixel is shading/aliasing noise, not an object.
+MIN_INTERIOR_REGION_PX = 2
 
 
 def foreground_mask(frames: np.ndarray) -> np.ndarray:
@@ -156,8 +161,9 @@ class VideoMeasurement:
         direction: the named direction closest to the foreground centroid's motion (None if
             fewer than two frames have foreground).
         velocity: (2,) fitted centroid motion in pixels per frame (x right, y down).
-        count: the most frequent number of objects per frame (regions of foreground interior,
-            i.e. foreground without the darker outline rings).
+        count: the most frequent number of objects per frame (foreground regions, each split
+            into the regions of its bright interior, i.e. without the darker outline rings,
+            when it holds several).
         foreground_fraction: mean share of foreground pixels per frame.
         background: (3,) :func:`background_features`.
     """
@@ -172,8 +178,6 @@ class VideoMeasurement:
 
 def measure_video(frames: np.ndarray) -> VideoMeasurement:
     """Read colour, motion, count and background texture from a video (F, H, W, 3) in [0, 1]."""
-    from scipy.ndimage import label
-
     frames = np.asarray(frames, dtype=np.float64)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (F, H, W, 3), got {frames.shape}")
@@ -198,19 +202,40 @@ def measure_video(frames: np.ndarray) -> VideoMeasurement:
         velocity = np.array([np.polyfit(t, cx, 1)[0], np.polyfit(t, cy, 1)[0]])
         direction = max(DIRECTIONS, key=lambda d: float(np.dot(velocity, DIRECTIONS[d])))
 
-    # Objects are drawn with a darker outline ring (sparsegen.toy.data.OUTLINE_DARKENING), so
-    # touching or overlapping objects of one colour separate once the ring is removed:
-    # count regions of bright ("interior") foreground, 4-connected.
+    # Each foreground region (4-connected, at least a quarter of the smallest object's area)
+    # is one object, unless its bright interior falls apart into several regions: objects are
+    # drawn with a darker outline ring (sparsegen.toy.data.OUTLINE_DARKENING), so touching or
+    # overlapping objects of one colour separate once the ring is removed. Counting interiors
+    # alone would miss small objects whose interior is a pixel or two (32 x 32 frames).
+    count = _count_objects(frames, fg)
+
+    return VideoMeasurement(colour=colour, direction=direction, velocity=velocity, count=count,
+                            foreground_fraction=float(fg.mean()), background=background_features(frames, fg))
+
+
+def _count_objects(frames: np.ndarray, fg: np.ndarray) -> int:
+    """Most frequent per-frame object count of frames (F, H, W, 3) with foreground fg (F, H, W)."""
+    from scipy.ndimage import label
+
+    num_frames, height, width = fg.shape
     min_area = 0.25 * _SMALLEST_OBJECT_AREA * (min(height, width) / REFERENCE_SIZE_PX) ** 2
     brightness = frames.max(-1)
     interior = fg & (brightness > INTERIOR_BRIGHTNESS * np.percentile(brightness[fg], 90)) if fg.any() else fg
     counts = []
     for f in range(num_frames):
-        labels, _ = label(interior[f])
-        sizes = np.bincount(labels.ravel())[1:]
-        counts.append(int((sizes >= min_area).sum()))
+        regions, num_regions = label(fg[f])
+        sizes = np.bincount(regions.ravel(), minlength=num_regions + 1)
+        inner, _ = label(interior[f])
+        inner_sizes = np.bincount(inner.ravel())
+        n = 0
+        for r in range(1, num_regions + 1):
+            if sizes[r] < min_area:
+                continue
+            # interior regions lie inside one foreground region (interior is a subset of fg)
+            parts = np.unique(inner[regions == r])
+            parts = parts[parts > 0]
+            n += max(1, int((inner_sizes[parts] >= MIN_INTERIOR_REGION_PX).sum()))
+        counts.append(n)
     values, freq = np.unique(counts, return_counts=True)
-    count = int(values[freq == freq.max()].max())  # ties -> the larger count (occlusion only lowers it)
+    return int(values[freq == freq.max()].max())  # ties -> the larger count (occlusion only lowers it)
 
-    return VideoMeasurement(colour=colour, direction=direction, velocity=velocity, count=count,
-                            foreground_fraction=float(fg.mean()), background=background_features(frames, fg))

@@ -27,6 +27,7 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from .codec import PixelShuffleVideoCodec
+from .data import DEFAULT_SIZE_PX
 from .text import ToyPromptEncoder
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_wan"
@@ -35,8 +36,8 @@ MAX_WEIGHTS_BYTES = 20 * 1024 * 1024  # shipped transformer weights must stay be
 
 # Default generation settings (the training size; see the model card).
 DEFAULT_NUM_FRAMES = 17  # 5 latent frames of 8 x 8 tokens = 320 video tokens
-DEFAULT_HEIGHT = 32
-DEFAULT_WIDTH = 32
+DEFAULT_HEIGHT = DEFAULT_SIZE_PX  # 32: the data generator's default frame size
+DEFAULT_WIDTH = DEFAULT_SIZE_PX
 DEFAULT_NUM_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 4.0
 FLOW_SHIFT = 3.0  # sigma shift used both to sample training noise levels and at inference
