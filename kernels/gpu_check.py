@@ -125,15 +125,19 @@ def _pointer_types(kernel: str, dtype: torch.dtype, pv_int8: bool) -> dict[str, 
     return {**layout, "Q": dt, "K": dt, "V": dt, "DOut": dt, "Lse": "*fp32", "Delta": "*fp32", **grads}
 
 
-def _data_stride_divisible(arg: str, head_dim: int) -> bool:
-    """Whether a specialized data stride is assumed divisible by 16 (what a launch sees).
+def _data_stride_divisible(kernel: str, arg: str, head_dim: int, pv_int8: bool) -> bool:
+    """Whether a specialized data stride is divisible by 16 in a launch (Triton specializes on it).
 
-    For contiguous (B, S, H, D) tensors the head stride is D (divisible by 16 for 64, 96,
-    128 but not 72) and the sequence / batch strides are multiples of H * D, divisible by
-    16 for every shipped model. Layout strides and sizes are never specialized
-    (``do_not_specialize`` in the kernels).
+    The one data stride equal to the head dim is the head stride of (B, S, H, D) tensors
+    and the sequence stride of the quantizer's (B, H, S, D) int8 tensors (``QI``, ``KI``,
+    and ``V`` with INT8 P·V): divisible for head dims 64, 96, 128, not 72. The others
+    are multiples of H * D or S * D, divisible by 16 for the models the shipped head dims
+    come from. Layout strides and sizes are never specialized (``do_not_specialize``).
     """
-    if arg.endswith("h"):
+    head_major = kernel == "fwd_quant" and (arg in ("stride_qis", "stride_kis") or (pv_int8 and arg == "stride_vs"))
+    token_major = not (kernel == "fwd_quant" and (arg.startswith(("stride_qi", "stride_ki"))
+                                                   or (pv_int8 and arg.startswith("stride_v"))))
+    if head_major or (token_major and arg.endswith("h")):
         return head_dim % 16 == 0
     return True
 
@@ -155,7 +159,8 @@ def _compile_spec(cfg: tuning.ShippedConfig, fn, constexprs: dict):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-            if arg not in no_spec_names and arg.startswith("stride_") and _data_stride_divisible(arg, cfg.head_dim):
+            if (arg not in no_spec_names and arg.startswith("stride_")
+                    and _data_stride_divisible(cfg.kernel, arg, cfg.head_dim, cfg.pv_int8)):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     # Scalars are lower case (strides, sizes, scales) or ``H``; every other argument is a pointer.
     untyped = [a for a in names if a not in constexprs and a != "H" and a[0].isupper() and a not in ptrs]
