@@ -138,7 +138,8 @@ def _quant_golden(q, k, v, mask, cfg, sm_scale):
         v_int, v_scale = quantize_v(v)
         vd = (v_int.double() * v_scale.double()[:, :, None, :]).transpose(1, 2)
     else:
-        vd = v.to(torch.float16).double()  # fp16 P·V for fp16 and fp32 inputs
+        half = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float16  # the kernel's P·V operand dtype
+        vd = v.to(half).double()
     return reference_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd, mask, scale=1.0 / LOG2E)
 
 
