@@ -69,7 +69,8 @@ CSV_COLUMNS = [
     "method", "backend", "mask_kind", "mask_params", "seq_len", "kernel_seq_len", "batch", "heads", "head_dim",
     "dtype", "block_size", "target_density", "density", "token_density", "repeats", "seconds", "seconds_min",
     "seconds_max", "first_call_seconds", "dense_seconds", "ratio_to_dense", "ideal_ratio", "target_ratio",
-    "meets_target", "speedup_vs_dense", "max_abs_diff_vs_torch",
+    "meets_target", "speedup_vs_dense", "cpu_seconds", "dense_cpu_seconds", "cpu_ratio_to_dense", "meets_target_cpu",
+    "max_abs_diff_vs_torch",
 ] + [f"model_{a}_bf16_{c}" for a in MODEL_ARCHS for c in ("seconds", "dense_seconds", "speedup")]
 
 
@@ -120,7 +121,7 @@ def radial_case(seq_len: int, block: int, density: float) -> Optional[Case]:
     best = None
     frames_options = [f for f in (4, 8, 16, 32, 64, 128, 256) if seq_len % f == 0 and seq_len // f >= block // 2]
     for frames in frames_options:
-        for decay in (0.25, 0.5, 1.0, 2.0, 4.0):
+        for decay in (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0):
             for sink in (True, False):
                 try:
                     m = radial_block_mask(frames=frames, tokens_per_frame=seq_len // frames, block_size=block,
@@ -147,7 +148,8 @@ def gna_case(seq_len: int, block: int, density: float) -> Case:
         return neighborhood_attention(q, k, v, grid=grid, kernel_size=kernel, backend="torch")
 
     return Case("gna", density, f"grid={grid},kernel={kernel},tile={layout.q_tile}", layout.mask,
-                permute_q=layout.q_layout.apply, permute_kv=layout.kv_layout.apply, end_to_end=e2e, token_density=stats["token_density"])
+                permute_q=layout.q_layout.apply, permute_kv=layout.kv_layout.apply, end_to_end=e2e,
+                token_density=stats["token_density"])
 
 
 def vmoba_case(q: torch.Tensor, k: torch.Tensor, block: int, density: float) -> Case:
@@ -177,19 +179,33 @@ def _load() -> float:
         return float("nan")
 
 
-def time_calls(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> tuple[list[float], float, torch.Tensor]:
-    """(times of ``repeats`` calls, time of the first call, last output)."""
+@dataclass
+class Timing:
+    """Wall-clock times of the timed calls, their process CPU times, the first (warm-up) call's wall time."""
+
+    wall: list[float]
+    cpu: list[float]
+    first: float
+
+
+def time_calls(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> tuple[Timing, torch.Tensor]:
+    """Time ``repeats`` calls after ``warmup`` untimed ones; returns the timing and the last output.
+
+    CPU time (all threads of this process) is recorded next to wall time: on a shared
+    machine it is less sensitive to other processes taking turns on the cores.
+    """
     t0 = time.perf_counter()
     out = fn()
     first = time.perf_counter() - t0
     for _ in range(max(0, warmup - 1)):
         out = fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn()
-        times.append(time.perf_counter() - t0)
-    return times, first, out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return Timing(wall, cpu, first), out
 
 
 def _model_columns(mask: BlockSparseMask, batch: int, heads: int, head_dim: int) -> dict:
@@ -240,7 +256,7 @@ def run(args) -> list[dict]:
         r = rows[-1]
         ratio = r.get("ratio_to_dense")
         print(f"{r['method']:>10} {r['mask_kind']:>7} S={r['seq_len']:>5} H={r['heads']} d={r['head_dim']:>3} "
-              f"density={r['density']:.3f} {r['seconds'] * 1e3:9.1f} ms"
+              f"density={r['density']:.3f} {r['seconds'] * 1e3:9.1f} ms (cpu {r['cpu_seconds'] * 1e3:9.1f} ms)"
               + (f"  ratio={ratio:.3f} (target <= {r['target_ratio']:.3f})" if r.get("target_ratio") else
                  (f"  ratio={ratio:.3f}" if ratio is not None else "")), flush=True)
 
@@ -253,15 +269,17 @@ def run(args) -> list[dict]:
             shape = dict(seq_len=seq_len, heads=h, head_dim=head_dim)
             qd, kd, vd = (x.transpose(1, 2).contiguous() for x in (q, k, v))
             sdpa = torch.nn.functional.scaled_dot_product_attention
-            times, first, _ = time_calls(lambda: sdpa(qd, kd, vd), args.repeats, args.warmup)
-            dense_s = statistics.median(times)
+            timing, _ = time_calls(lambda: sdpa(qd, kd, vd), args.repeats, args.warmup)
+            dense_s = statistics.median(timing.wall)
+            dense_cpu = statistics.median(timing.cpu)
             full = BlockSparseMask.full(q_len=seq_len, kv_len=seq_len, q_block_size=args.block_size,
                                         kv_block_size=args.block_size)
             emit(dict(method="dense_sdpa", backend="sdpa", mask_kind="dense", mask_params="", kernel_seq_len=seq_len,
                       target_density=1.0, density=1.0, token_density=1.0, repeats=args.repeats, seconds=dense_s,
-                      seconds_min=min(times), seconds_max=max(times), first_call_seconds=first,
+                      seconds_min=min(timing.wall), seconds_max=max(timing.wall), first_call_seconds=timing.first,
                       dense_seconds=dense_s, ratio_to_dense=1.0, ideal_ratio=1.0, target_ratio=None,
-                      meets_target=None, speedup_vs_dense=1.0, max_abs_diff_vs_torch=None,
+                      meets_target=None, speedup_vs_dense=1.0, cpu_seconds=dense_cpu, dense_cpu_seconds=dense_cpu,
+                      cpu_ratio_to_dense=1.0, meets_target_cpu=None, max_abs_diff_vs_torch=None,
                       **shape, **_model_columns(full, args.batch, h, head_dim)))
             del qd, kd, vd
             for kind in args.kinds:
@@ -277,49 +295,54 @@ def run(args) -> list[dict]:
                         case = gna_case(seq_len, args.block_size, density)
                     else:
                         case = vmoba_case(q, k, args.block_size, density)
-                    _run_case(case, q, k, v, shape, dense_s, args, flex, emit)
+                    _run_case(case, q, k, v, shape, (dense_s, dense_cpu), args, flex, emit)
             del q, k, v
+            # Partial results survive an interrupted run (rewritten after every shape).
+            write_csv(rows, os.path.join(args.out_dir, "bench_attention.partial.csv"))
     end = round(_load(), 2)
     for r in rows:
         r["load_1m_end"] = end
     return rows
 
 
-def _run_case(case: Case, q, k, v, shape, dense_s, args, flex, emit) -> None:
+def _run_case(case: Case, q, k, v, shape, dense, args, flex, emit) -> None:
+    dense_s, dense_cpu = dense
     mask = case.mask
     density = mask.density()
     qp, kp, vp = case.permute_q(q), case.permute_kv(k), case.permute_kv(v)
     model = _model_columns(mask, args.batch, shape["heads"], shape["head_dim"])
     base = dict(mask_kind=case.kind, mask_params=case.params, kernel_seq_len=qp.shape[1],
                 target_density=case.target_density, density=density, token_density=case.token_density,
-                repeats=args.repeats, dense_seconds=dense_s, ideal_ratio=density, **shape, **model)
+                repeats=args.repeats, dense_seconds=dense_s, dense_cpu_seconds=dense_cpu, ideal_ratio=density, **shape,
+                **model)
     torch_out = None
 
-    def row(method, backend, times, first, diff=None, target=False):
-        med = statistics.median(times)
-        ratio = med / dense_s
+    def row(method, backend, timing: Timing, diff=None, target=False):
+        med, cpu = statistics.median(timing.wall), statistics.median(timing.cpu)
+        ratio, cpu_ratio = med / dense_s, cpu / dense_cpu
         tr = TARGET_FACTOR * density if target else None
-        emit(dict(base, method=method, backend=backend, seconds=med, seconds_min=min(times), seconds_max=max(times),
-                  first_call_seconds=first, ratio_to_dense=ratio, target_ratio=tr,
-                  meets_target=(ratio <= tr) if target else None, speedup_vs_dense=dense_s / med,
+        emit(dict(base, method=method, backend=backend, seconds=med, seconds_min=min(timing.wall),
+                  seconds_max=max(timing.wall), first_call_seconds=timing.first, ratio_to_dense=ratio, target_ratio=tr,
+                  meets_target=(ratio <= tr) if target else None, speedup_vs_dense=dense_s / med, cpu_seconds=cpu,
+                  cpu_ratio_to_dense=cpu_ratio, meets_target_cpu=(cpu_ratio <= tr) if target else None,
                   max_abs_diff_vs_torch=diff))
 
     if "torch" in args.methods:
-        times, first, torch_out = time_calls(
+        timing, torch_out = time_calls(
             lambda: block_sparse_attention(qp, kp, vp, mask, backend="torch"), args.repeats, args.warmup)
-        row("torch", "torch", times, first, target=True)
+        row("torch", "torch", timing, target=True)
     if flex is not None:
         bm = mask.to_flex_block_mask()
         qf, kf, vf = (x.transpose(1, 2).contiguous() for x in (qp, kp, vp))
-        times, first, out = time_calls(lambda: flex(qf, kf, vf, bm), args.repeats, args.warmup)
+        timing, out = time_calls(lambda: flex(qf, kf, vf, bm), args.repeats, args.warmup)
         diff = None
         if torch_out is not None:
             diff = float((out.transpose(1, 2) - torch_out).abs().max())
-        row("flex", "flex_compiled", times, first, diff)
+        row("flex", "flex_compiled", timing, diff)
         del qf, kf, vf, out
     if "torch_e2e" in args.methods and case.end_to_end is not None:
-        times, first, _ = time_calls(lambda: case.end_to_end(q, k, v), args.repeats, args.warmup)
-        row("torch_e2e", "torch", times, first)
+        timing, _ = time_calls(lambda: case.end_to_end(q, k, v), args.repeats, args.warmup)
+        row("torch_e2e", "torch", timing)
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -369,31 +392,61 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def summary(rows: list[dict]) -> str:
-    """A Markdown table: per case, torch vs flex vs target, and the model's GPU speedups."""
-    lines = ["| kind | S | d | density | dense ms | torch ms | torch / dense | target (<= 1.5 x density) | flex ms "
-             "| torch faster than flex | model H100 bf16 speedup | model A100 bf16 speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """A Markdown table per case: torch path vs target and vs compiled flex (wall and CPU time), model speedups."""
+    lines = ["| kind | S | d | density | dense ms | torch ms | torch / dense | torch / dense (cpu) "
+             "| target torch / dense <= 1.5 x density (wall / cpu) | flex ms | flex / dense | torch faster than flex (wall / cpu) "
+             "| model H100 bf16 speedup | model A100 bf16 speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cases: dict = {}
     for r in rows:
         if r["method"] != "dense_sdpa":
             key = (r["mask_kind"], r["seq_len"], r["head_dim"], r["target_density"], r["mask_params"])
             cases.setdefault(key, {})[r["method"]] = r
 
-    def ms(x):
-        return "-" if x is None else f"{x * 1e3:.1f}"
+    def ms(r):
+        return "-" if r is None else f"{r['seconds'] * 1e3:.1f}"
+
+    def verdict(flag):
+        return "met" if flag else "MISSED"
 
     for key in sorted(cases, key=lambda k: (ALL_KINDS.index(k[0]), k[1], k[2], k[3])):
         c = cases[key]
         any_r = next(iter(c.values()))
         t, f = c.get("torch"), c.get("flex")
         ratio = f"{t['ratio_to_dense']:.3f}" if t else "-"
-        target = (f"{'met' if t['meets_target'] else 'MISSED'} ({t['target_ratio']:.3f})") if t else "-"
-        faster = (f"{'yes' if t['seconds'] < f['seconds'] else 'NO'} ({f['seconds'] / t['seconds']:.2f}x)"
-                  if (t and f) else "-")
+        cpu_ratio = f"{t['cpu_ratio_to_dense']:.3f}" if t else "-"
+        target = (f"{verdict(t['meets_target'])} / {verdict(t['meets_target_cpu'])} (<= {t['target_ratio']:.3f})"
+                  if t else "-")
+        flex_ratio = f"{f['ratio_to_dense']:.3f}" if f else "-"
+        faster = "-"
+        if t and f:
+            wall_x, cpu_x = f["seconds"] / t["seconds"], f["cpu_seconds"] / t["cpu_seconds"]
+            faster = (f"{'yes' if wall_x > 1 else 'NO'} / {'yes' if cpu_x > 1 else 'NO'} "
+                      f"({wall_x:.2f}x / {cpu_x:.2f}x)")
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {any_r['density']:.3f} | {ms(any_r['dense_seconds'])} "
-            f"| {ms(t['seconds'] if t else None)} | {ratio} | {target} | {ms(f['seconds'] if f else None)} "
-            f"| {faster} | {any_r['model_h100_bf16_speedup']:.2f} | {any_r['model_a100_bf16_speedup']:.2f} |")
+            f"| {key[0]} | {key[1]} | {key[2]} | {any_r['density']:.3f} | {any_r['dense_seconds'] * 1e3:.1f} "
+            f"| {ms(t)} | {ratio} | {cpu_ratio} | {target} | {ms(f)} | {flex_ratio} | {faster} "
+            f"| {any_r['model_h100_bf16_speedup']:.2f} | {any_r['model_a100_bf16_speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def model_summary(rows: list[dict]) -> str:
+    """A Markdown table of the GPU time model (bf16) for every case: model outputs, not measurements."""
+    lines = ["| kind | S | heads | d | density | model H100 bf16 us | model H100 dense us | model H100 speedup "
+             "| model A100 bf16 us | model A100 dense us | model A100 speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    order = ("dense",) + ALL_KINDS
+    for r in sorted(rows, key=lambda r: (r["seq_len"], r["head_dim"], order.index(r["mask_kind"]), r["density"])):
+        key = (r["mask_kind"], r["seq_len"], r["head_dim"], r["mask_params"], r["density"])
+        if key in seen:
+            continue
+        seen.add(key)
+        lines.append(
+            f"| {r['mask_kind']} | {r['seq_len']} | {r['heads']} | {r['head_dim']} | {r['density']:.3f} "
+            f"| {r['model_h100_bf16_seconds'] * 1e6:.1f} | {r['model_h100_bf16_dense_seconds'] * 1e6:.1f} "
+            f"| {r['model_h100_bf16_speedup']:.2f} | {r['model_a100_bf16_seconds'] * 1e6:.1f} "
+            f"| {r['model_a100_bf16_dense_seconds'] * 1e6:.1f} | {r['model_a100_bf16_speedup']:.2f} |")
     return "\n".join(lines)
 
 
@@ -425,6 +478,9 @@ def parse_args(argv=None):
     p.add_argument("--densities", type=_csv_list(float), help=f"target block densities, default {FULL['densities']}")
     p.add_argument("--heads", type=int, default=2, help="attention heads (default 2)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the run (default: torch's default); 1 gives steadier numbers "
+                        "on a machine other jobs share")
     p.add_argument("--block-size", type=int, default=128, help="query and key block size (default 128)")
     p.add_argument("--kinds", type=_csv_list(str, ALL_KINDS), default=ALL_KINDS,
                    help=f"mask kinds, default {','.join(ALL_KINDS)}")
@@ -440,8 +496,8 @@ def parse_args(argv=None):
     for name in ("seq_lens", "head_dims", "densities", "repeats"):
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
-    for name, low in (("heads", 1), ("batch", 1), ("block_size", 16), ("repeats", 1), ("warmup", 1)):
-        if getattr(args, name) < low:
+    for name, low in (("heads", 1), ("batch", 1), ("block_size", 16), ("repeats", 1), ("warmup", 1), ("threads", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     bad = [d for d in args.densities if not 0 < d <= 1]
     if bad:
@@ -451,11 +507,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
+    command = " ".join(["python", "evals/bench_attention.py"] + (sys.argv[1:] if argv is None else list(argv)))
     print(f"# bench_attention: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}; command: "
-          f"{' '.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))}",
-          flush=True)
+          f"load {_load():.2f}; command: {command}", flush=True)
     rows = run(args)
     csv_path = os.path.join(args.out_dir, "bench_attention.csv")
     write_csv(rows, csv_path)
@@ -464,8 +521,17 @@ def main(argv=None) -> int:
         png = os.path.join(args.out_dir, "bench_attention.png")
         plot(rows, png)
         print(f"# wrote {png}")
-    print("\n" + summary(rows))
-    print("\n(model columns: GPU time model of sparsegen.kernels.timemodel, bf16, not measured)")
+    measured = summary(rows)
+    model = model_summary(rows)
+    md_path = os.path.join(args.out_dir, "bench_attention.md")
+    with open(md_path, "w") as f:
+        f.write(f"Command: `{command}`\n\nLoad average (1 min) at start / end: {rows[0]['load_1m_start']} / "
+                f"{rows[0]['load_1m_end']}; torch {torch.__version__}, {torch.get_num_threads()} threads.\n\n"
+                f"Measured on CPU (fp32, median of {args.repeats} calls):\n\n{measured}\n\n"
+                f"GPU time **model** (sparsegen.kernels.timemodel, bf16; predicted, not measured):\n\n{model}\n")
+    print(f"# wrote {md_path}")
+    print("\nMeasured on CPU:\n" + measured)
+    print("\nGPU time model (sparsegen.kernels.timemodel, bf16; predicted, not measured):\n" + model)
     return 0
 
 

@@ -275,9 +275,10 @@ def plot_density_vs_psnr(rows, out_dir: Path) -> list[Path]:
         for r in sparse_rows:  # other methods in grey for context
             if r["method"] != method and math.isfinite(r["psnr"]):
                 ax.plot(r["effective_density"], r["psnr"], "o", color="0.8", ms=4)
+        mine = sorted(mine, key=lambda r: r["effective_density"])
         xs = [r["effective_density"] for r in mine]
         ys = [r["psnr"] for r in mine]
-        ax.plot(xs, ys, "o", ms=6, color="C0", label=method)
+        ax.plot(xs, ys, "o-", ms=6, lw=1, color="C0", label=method)
         for r in mine:
             ax.annotate(r["label"].replace("block_size=", "bs=").replace("kernel_size=", "k="),
                         (r["effective_density"], r["psnr"]), fontsize=6, xytext=(3, 3), textcoords="offset points")

@@ -177,7 +177,7 @@ def plot_samples(rows: list[tuple[str, np.ndarray]], prompts: list[str], path: P
     for j, (name, videos) in enumerate(rows):
         for i in range(n_prompts):
             strip = np.concatenate([videos[i, min(f, videos.shape[1] - 1)] for f in frames], axis=1)
-            axes[i, j].imshow(np.clip(strip, 0, 1))
+            axes[i, j].imshow(np.clip(strip, 0, 1), interpolation="nearest")  # 32 px frames: show pixels
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
             if i == 0:

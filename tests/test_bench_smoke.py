@@ -77,7 +77,9 @@ def test_writes_png_and_summary(tiny_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
     assert "| kind | S | d | density |" in proc.stdout
-    assert "model" in proc.stdout
+    md = (out / "bench_attention.md").read_text()
+    assert "Command: `python evals/bench_attention.py --seq-lens 512" in md
+    assert "GPU time **model**" in md and "| random | 512 | 2 | 32 |" in md
 
 
 def test_rejects_bad_flags(tmp_path):

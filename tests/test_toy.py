@@ -1,0 +1,247 @@
+"""The shipped toy model, its data generator, codec and metrics, and a small quality eval."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sparsegen
+from sparsegen.toy import pipeline as toy
+from sparsegen.toy.codec import PixelShuffleVideoCodec
+from sparsegen.toy.data import COLOURS, SEED_RANGES, _bounding_radius, evaluation_specs, parse_prompt, render_video
+from sparsegen.toy.metrics import measure_video, psnr, ssim
+from sparsegen.toy.probe import record_attention_inputs
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "two green squares moving up over a dotted background, camera panning left"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return toy.load_pipeline()
+
+
+# ------------------------------------------------------------------ shipped model
+def test_shipped_weights_fit_the_size_budget():
+    weights = toy.ASSET_DIR / "transformer" / toy.WEIGHTS_FILE
+    assert weights.is_file(), f"missing {weights}"
+    assert weights.stat().st_size <= toy.MAX_WEIGHTS_BYTES, f"{weights.stat().st_size} bytes > 20 MB"
+    for name in ("README.md", "loss_curve.png", "training_summary.json"):
+        assert (toy.ASSET_DIR / name).is_file(), f"model card asset {name} missing"
+
+
+def test_shipped_model_loads_without_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access during an offline load")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = toy.load_pipeline()
+    assert type(pipe.transformer).__name__ == "WanTransformer3DModel"
+    assert pipe.transformer.config.num_layers == toy.TRANSFORMER_CONFIG["num_layers"]
+    # The weights are the trained ones, not a fresh initialisation.
+    fresh = toy.new_transformer(seed=0)
+    trained = dict(pipe.transformer.named_parameters())
+    diffs = [float((trained[n] - p).abs().max()) for n, p in fresh.named_parameters()]
+    assert max(diffs) > 0.01
+
+
+def test_generate_shape_range_and_seed_determinism(pipe):
+    prompts = [PROMPT, "a red circle moving right over a striped background"]
+    a = toy.generate(pipe, prompts, seed=3, num_inference_steps=2)
+    assert a.shape == (2, toy.DEFAULT_NUM_FRAMES, toy.DEFAULT_HEIGHT, toy.DEFAULT_WIDTH, 3)
+    assert a.dtype == np.float32 and np.isfinite(a).all()
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    b = toy.generate(pipe, prompts, seed=3, num_inference_steps=2)
+    np.testing.assert_array_equal(a, b)
+    # Prompt i uses seed + i: the second video alone, with its own seed, is the same video.
+    alone = toy.generate(pipe, prompts[1:], seed=4, num_inference_steps=2)
+    np.testing.assert_allclose(alone[0], a[1], atol=1e-5)
+    other = toy.generate(pipe, prompts[:1], seed=5, num_inference_steps=2)
+    assert np.abs(other[0] - a[0]).mean() > 1e-3
+
+
+def test_generate_rejects_a_bare_string_and_unknown_words(pipe):
+    with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+        toy.generate(pipe, PROMPT)
+    with pytest.raises(ValueError, match="outside the toy model's vocabulary"):
+        toy.generate(pipe, ["a purple circle moving right over a striped background"])
+
+
+def test_recording_attention_keeps_the_generation_and_restores_the_registry(pipe):
+    before = sparsegen.available_methods()
+    plain = toy.generate(pipe, [PROMPT], seed=0, num_inference_steps=2)
+    with record_attention_inputs(pipe, steps=[1], layers=[0, 2]) as records:
+        recorded = toy.generate(pipe, [PROMPT], seed=0, num_inference_steps=2)
+    assert sparsegen.available_methods() == before
+    # Exact attention in fp32 vs the model's SDPA: well below one 8-bit display level (1/255).
+    assert np.abs(recorded - plain).max() < 1e-3
+    assert sorted((r.layer, r.step, r.call_index) for r in records) == [(0, 1, 0), (0, 1, 1), (2, 1, 0), (2, 1, 1)]
+    assert records[0].q.shape == (1, 5 * 8 * 8, 6, 32)
+    assert not hasattr(pipe.transformer, "_sparsegen_handle")
+
+
+# ------------------------------------------------------------------------- data
+def test_data_is_a_function_of_the_seed():
+    a, b, c = render_video(123), render_video(123), render_video(124)
+    np.testing.assert_array_equal(a.frames, b.frames)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    assert a.prompt == b.prompt
+    assert a.frames.shape == (17, 32, 32, 3) and a.frames.dtype == np.float32
+    assert 0.0 <= a.frames.min() and a.frames.max() <= 1.0
+    assert np.abs(a.frames - c.frames).mean() > 0.01
+    forced = render_video(123, spec=PROMPT)
+    assert forced.prompt == PROMPT and parse_prompt(forced.prompt) == forced.spec
+    np.testing.assert_array_equal(forced.frames, render_video(123, spec=PROMPT).frames)
+
+
+def test_data_ground_truth_matches_the_prompt():
+    v = render_video(7, spec=PROMPT)
+    assert v.positions.shape == (17, 2, 2)
+    motion = v.positions[-1] - v.positions[0]
+    assert (motion[:, 1] < 0).all() and np.allclose(motion[:, 0], 0)  # "up": y decreases
+    assert v.camera_velocity[0] < 0 and v.camera_velocity[1] == 0  # panning left
+    np.testing.assert_allclose(v.object_colour, COLOURS["green"])
+
+
+def test_prompt_errors_name_the_problem():
+    with pytest.raises(ValueError, match="does not follow the toy grammar"):
+        parse_prompt("a red circle moving sideways over a striped background")
+    with pytest.raises(ValueError, match=r"seed=-1 must be a non-negative int"):
+        render_video(-1)
+    with pytest.raises(ValueError, match="must be a positive int"):
+        evaluation_specs(0)
+
+
+# ------------------------------------------------------------------------ codec
+def test_codec_round_trip_is_exact():
+    codec = PixelShuffleVideoCodec(scale_factor_spatial=4, scale_factor_temporal=4)
+    gen = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 17, 32, 48, generator=gen) * 2 - 1
+    latents = codec.pack(video)
+    assert latents.shape == (2, 3 * 4 * 16, 5, 8, 12)
+    torch.testing.assert_close(codec.unpack(latents), video, rtol=0, atol=0)
+    torch.testing.assert_close(codec.decode(codec.encode(video).latent_dist.mode()).sample, video, rtol=0, atol=0)
+    shipped = toy.load_codec()
+    torch.testing.assert_close(shipped.denormalize(shipped.normalize(latents)), latents, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"num_frames=16 must be 1 \+ 4 \* k"):
+        codec.pack(video[:, :, :16])
+
+
+# ---------------------------------------------------------------------- metrics
+def _ssim_by_definition(a, b):
+    """SSIM over every fully-inside 11x11 window, one channel at a time, straight from the formula."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for f in range(a.shape[0]):
+        for ch in range(3):
+            x, y = a[f, :, :, ch], b[f, :, :, ch]
+            for i in range(x.shape[0] - 10):
+                for j in range(x.shape[1] - 10):
+                    px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+                    mx, my = (w * px).sum(), (w * py).sum()
+                    vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                    cxy = (w * (px - mx) * (py - my)).sum()
+                    values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_and_psnr_follow_their_definitions():
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 16, 18, 3))
+    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
+    assert ssim(a, b) == pytest.approx(_ssim_by_definition(a, b), rel=1e-9, abs=1e-12)
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert psnr(a, a) == math.inf
+    assert psnr(a, np.full_like(a, a.mean())) < 20
+    assert psnr(np.zeros((1, 16, 16, 3)), np.full((1, 16, 16, 3), 0.1)) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="same shape"):
+        ssim(a, b[:1])
+
+
+def test_measurements_read_the_generator_ground_truth():
+    for spec in evaluation_specs(6):
+        v = render_video(SEED_RANGES["evaluation"] + 11, spec=spec)
+        m = measure_video(v.frames)
+        assert (m.colour, m.direction) == (spec.colour, spec.direction), spec.prompt
+        speed = float(np.linalg.norm(v.velocities, axis=1).mean())
+        assert abs(np.linalg.norm(m.velocity) - speed) < 0.25 * speed, spec.prompt
+
+
+def test_object_count_is_exact_while_objects_stay_apart():
+    """At 32 x 32 a small triangle's bright interior is a pixel or two; the count must still
+    be exact whenever no two objects come within a pixel of touching (occlusion can only
+    lower the count, so those videos are left out)."""
+    apart = 0
+    for i in range(40):
+        v = render_video(SEED_RANGES["evaluation"] + 2000 + i)
+        reach = [_bounding_radius(v.spec.shape, r) for r in v.radii]
+        k = v.spec.count
+        if all((np.linalg.norm(v.positions[:, a] - v.positions[:, b], axis=1) > reach[a] + reach[b] + 1.0).all()
+               for a in range(k) for b in range(a + 1, k)):
+            apart += 1
+            assert measure_video(v.frames).count == k, (i, v.spec.prompt)
+    assert apart >= 10, f"only {apart} of 40 videos keep their objects apart; the check saw too few"
+
+
+# ------------------------------------------------------------------ quality eval
+def test_quality_eval_quick_runs_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "quality"
+    cmd = [sys.executable, str(REPO / "evals" / "quality.py"), "--quick", "--prompts", "1", "--steps", "2",
+           "--model-path", str(toy.ASSET_DIR), "--out", str(out), "--results", str(tmp_path / "quality.md"),
+           "--threads", str(torch.get_num_threads())]  # as many threads as this test session uses
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "quality.json").read_text())
+    methods = {r["method"]: r for r in result["sweep"]}
+    importable = [m for m in sparsegen.available_methods() if m not in result["methods_missing"]]
+    assert sorted(methods) == sorted(importable) and "dense" in methods and "radial" in methods
+    assert methods["dense"]["psnr"] == "inf" and methods["dense"]["ssim"] == 1.0
+    assert all(e == 0.0 for e in methods["dense"]["attention_rel_l1_per_layer"].values())
+    for name, row in methods.items():
+        if name == "dense":
+            continue
+        assert 0.0 < row["effective_density"] < 1.0, (name, row["effective_density"])
+        assert all(e > 0.0 for e in row["attention_rel_l1_per_layer"].values()), name
+        assert isinstance(row["psnr"], float) and row["psnr"] > 5.0, name
+        assert 0.0 < row["ssim"] < 1.0
+        assert (out / f"density_vs_psnr_{name}.png").stat().st_size > 1000
+    assert result["long"][0]["frames"] == 33 and 0 < result["long"][0]["effective_density"] < 1
+    assert "LPIPS: not computed" in (tmp_path / "quality.md").read_text()
+    assert (out / "quality.csv").read_text().startswith("section,method,options")
+
+
+def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
+    out, page = tmp_path / "checks", tmp_path / "toy.md"
+    cmd = [sys.executable, str(REPO / "evals" / "toy_checks.py"), "--quick", "--prompts", "2", "--steps", "2",
+           "--model-path", str(toy.ASSET_DIR), "--out", str(out), "--results", str(page),
+           "--threads", str(torch.get_num_threads())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "toy_checks.json").read_text())
+    # The generator's own videos are the ceiling: colour and direction must read back exactly.
+    assert result["real"]["accuracy"]["colour"] == 1.0 and result["real"]["accuracy"]["direction"] == 1.0
+    assert set(result["trained"]["accuracy"]) == {"colour", "direction", "count", "background"}
+    layers = toy.TRANSFORMER_CONFIG["num_layers"]
+    for name in ("trained", "untrained"):
+        profiles = [result["locality"][name][str(layer)] for layer in range(layers)]
+        for p in profiles:  # attention mass per distance is a distribution over keys
+            # fp32 softmax rows summed over 320 keys: a few ulps of 1.0 per row
+            assert sum(p["temporal_mass"]) == pytest.approx(1.0, abs=1e-6)
+            assert sum(p["spatial_mass"]) == pytest.approx(1.0, abs=1e-6)
+            assert p["local_ratio"] > 0
+    text = page.read_text()
+    assert "17 frames at 32 x 32" in text and "| colour | 0.25 |" in text
+    for png in ("samples.png", "attention_locality.png"):
+        assert (tmp_path / "toy" / png).stat().st_size > 1000
