@@ -10,7 +10,12 @@
    ``sparsegen.toy.metrics.measure_video``: dominant colour, direction of motion, object
    count, background texture (nearest-centroid classifier fitted on separate real
    videos), plus speed and foreground share against the ground truth.
-2. Attention locality. During the trained and the untrained model's generations the q
+2. Denoising. The generator's videos for the same prompts are noised to fixed levels
+   sigma (x_sigma = (1 - sigma) x0 + sigma noise, as in training) and the trained and
+   untrained models predict the clean video in one call (x0 = x_sigma - sigma v); PSNR
+   of that prediction against the clean video says what the model learned at each noise
+   level, independently of the sampler.
+3. Attention locality. During the trained and the untrained model's generations the q
    and k of every self-attention layer are recorded (``sparsegen.toy.probe``) and the
    softmax attention mass is binned by temporal distance (latent frames) and spatial
    Chebyshev distance (tokens); the summary is the mass on the 3 x 3 x 3 token
@@ -36,7 +41,7 @@ import torch
 
 from sparsegen.toy import pipeline as toy
 from sparsegen.toy.data import BACKGROUNDS, COLOURS, DIRECTIONS, SEED_RANGES, SHAPES, PromptSpec, evaluation_specs, render_video
-from sparsegen.toy.metrics import measure_video
+from sparsegen.toy.metrics import measure_video, psnr
 from sparsegen.toy.probe import locality_profile, record_attention_inputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,6 +114,54 @@ def score(videos, specs, truths, classifier) -> dict:
         "mean_foreground_fraction_real": float(real_fg.mean()),
         "rows": rows,
     }
+
+
+DENOISING_SIGMAS = (0.2, 0.5, 0.8, 0.95, 1.0)
+
+
+@torch.no_grad()
+def denoising_check(pipe, real: np.ndarray, prompts, *, seed: int, sigmas=DENOISING_SIGMAS):
+    """One-call clean-video predictions from noised real videos.
+
+    Args:
+        real: (N, F, H, W, 3) generator videos in [0, 1]; prompts: their N prompts.
+    Returns:
+        ({sigma: mean PSNR in dB of the prediction against ``real``}, {sigma: (N, F, H, W, 3) predictions}).
+    """
+    codec, transformer = pipe.vae, pipe.transformer
+    video = torch.from_numpy(real).permute(0, 4, 1, 2, 3).float() * 2.0 - 1.0  # (N, 3, F, H, W) in [-1, 1]
+    x0 = codec.video_to_latents(video)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    embeds = toy.encode_prompt(pipe, list(prompts))
+    scores, predictions = {}, {}
+    for sigma in sigmas:
+        noisy = (1.0 - sigma) * x0 + sigma * noise
+        velocity = transformer(noisy, torch.full((len(prompts),), 1000.0 * sigma), embeds, return_dict=False)[0]
+        pred = codec.unpack(codec.denormalize(noisy - sigma * velocity)).clamp(-1, 1)
+        pred = ((pred + 1.0) / 2.0).permute(0, 2, 3, 4, 1).numpy()
+        predictions[sigma] = pred
+        scores[sigma] = float(np.mean([psnr(p, r) for p, r in zip(pred, real)]))
+    return scores, predictions
+
+
+def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int = 8) -> None:
+    """Frame ``frame`` of the first video: clean, then the trained model's prediction per noise level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigmas = list(predictions)
+    fig, axes = plt.subplots(1, len(sigmas) + 1, figsize=(1.6 * (len(sigmas) + 1), 2.0))
+    panels = [("clean", real[0, frame])] + [(f"sigma {s}", predictions[s][0, frame]) for s in sigmas]
+    for ax, (title, img) in zip(axes, panels):
+        ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("trained model: clean video predicted in one call from a noised real video", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def generate_all(pipe, prompts, *, seed, steps, batch, record_steps):
@@ -234,6 +287,20 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"![samples]({result['figure_links']['samples']})",
         "",
+        "## Denoising: what the model learned at each noise level",
+        "",
+        "The generator's videos for the same prompts, noised to level sigma exactly as in training, and the clean "
+        "video predicted in one model call (x0 = x_sigma - sigma v, conditional, no guidance); mean PSNR against "
+        "the clean video (pixels in [0, 1]).",
+        "",
+        "| sigma | " + " | ".join(result["denoising"]["trained"]) + " |",
+        "|---|" + "---|" * len(result["denoising"]["trained"]),
+        "| trained model PSNR (dB) | " + " | ".join(f"{v:.1f}" for v in result["denoising"]["trained"].values()) + " |",
+        "| untrained model PSNR (dB) | " + " | ".join(f"{v:.1f}" for v in result["denoising"]["untrained"].values())
+        + " |",
+        "",
+        f"![denoising]({result['figure_links']['denoising']})",
+        "",
         "## Attention locality",
         "",
         f"Self-attention maps of every layer, recorded at steps {result['record_steps']} of the conditional pass for "
@@ -310,6 +377,10 @@ def main(argv=None) -> int:
         "trained": score(videos["trained"], specs, truths, classifier),
         "untrained": score(videos["untrained"], specs, truths, classifier),
     }
+    denoising, predictions = {}, {}
+    for name, pipe in pipes.items():
+        denoising[name], predictions[name] = denoising_check(pipe, real, prompts, seed=args.seed)
+    result["denoising"] = {name: {str(s): v for s, v in d.items()} for name, d in denoising.items()}
     result["locality"] = {name: {str(l): p.to_dict() for l, p in profiles[name].items()} for name in profiles}
     for name in profiles:
         result["locality"][f"{name}_mean_local_ratio"] = float(np.mean([p.local_ratio for p in profiles[name].values()]))
@@ -317,11 +388,13 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
-    figure_paths = {"attention_locality": figures / "attention_locality.png", "samples": figures / "samples.png"}
+    figure_paths = {"attention_locality": figures / "attention_locality.png", "samples": figures / "samples.png",
+                    "denoising": figures / "denoising.png"}
     page_dir = args.out if str(args.results) == "-" else args.results.parent
     result["figure_links"] = {k: os.path.relpath(p, page_dir) for k, p in figure_paths.items()}
     (args.out / "toy_checks.json").write_text(json.dumps(result, indent=1) + "\n")
     plot_locality(profiles, figure_paths["attention_locality"])
+    plot_denoising(real, predictions["trained"], figure_paths["denoising"])
     shown = min(4, n)
     plot_samples([("generator", real[:shown]), ("trained model", videos["trained"][:shown]),
                   ("untrained model", videos["untrained"][:shown])], prompts[:shown], figure_paths["samples"])

@@ -9,7 +9,7 @@ in the triton wheel. A build passes when:
 
 * it compiles;
 * it uses tensor cores where it multiplies matrices: ``HMMA`` / ``HGMMA`` for fp16, bf16
-  and fp32 (fp32 runs its dots as 3xTF32 on the tensor cores), ``IMMA`` / ``IGMMA`` for
+  and fp32 (fp32 runs its dots in TF32 on the tensor cores), ``IMMA`` / ``IGMMA`` for
   the INT8 Q·K (and INT8 P·V) of ``fwd_quant``, plus ``HMMA`` / ``HGMMA`` for its
   half-precision P·V. ``bwd_preprocess`` has no matrix product (a row-wise dot of O and
   dO) and is exempt;

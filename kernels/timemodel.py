@@ -32,8 +32,8 @@ cache serves the repeats. When the K/V of the heads in flight do not fit in L2
 Assumptions worth knowing (the defaults in :class:`ModelAssumptions`):
 
 * Rates are the architecture's dense peaks: bf16/fp16 tensor-core math (H100 790
-  TFLOP/s, A100 312 TFLOP/s), TF32 at half that, fp32 inputs as three TF32 products
-  (the kernel's ``tf32x3``), INT8 at twice the 16-bit rate; ``mma_efficiency`` scales them.
+  TFLOP/s, A100 312 TFLOP/s), fp32 inputs as TF32 products at half that (what the
+  kernel's ``tl.dot`` does with fp32), INT8 at twice the 16-bit rate; ``mma_efficiency`` scales them.
 * The softmax is not overlapped with the matrix math (``softmax_overlap=0``), as in a
   FlashAttention-2-style kernel where one warp group does both; FlashAttention-3's
   ping-pong scheduling would raise it towards 1.
@@ -118,17 +118,17 @@ class GPUArch:
             raise ValueError(f"GPUArch.launch_seconds must be >= 0, got {self.launch_seconds!r}")
 
     def matmul_flops(self, dtype: torch.dtype) -> float:
-        """Tensor-core FLOP/s for inputs of ``dtype`` (fp32 runs as three TF32 products)."""
+        """Tensor-core FLOP/s for inputs of ``dtype`` (fp32 inputs multiply as TF32, at half the 16-bit rate)."""
         if dtype in (torch.float16, torch.bfloat16):
             return self.matmul_flops_16bit
         if dtype == torch.float32:
-            return self.matmul_flops_16bit / 2 / 3
+            return self.matmul_flops_16bit / 2
         if dtype == torch.int8:
             return self.matmul_flops_16bit * 2
         raise TypeError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, torch.int8; got {dtype}")
 
 
-# H100 (SXM-class, 132 SMs at 1.83 GHz; the brief's rounded 790 TFLOP/s bf16 and 3.0 TB/s)
+# H100 (SXM-class, 132 SMs at 1.83 GHz; rounded to 790 TFLOP/s dense bf16 and 3.0 TB/s)
 # and A100 (108 SMs at 1.41 GHz, 312 TFLOP/s, 2.0 TB/s). Exponentials: 16 per SM per clock.
 # fp32 lanes: 128 (H100) / 64 (A100) per SM per clock.
 ARCHS: dict[str, GPUArch] = {
@@ -261,7 +261,7 @@ def predict_kernel_time(
     Args:
         mask: the block layout (B or 1, H or 1, Qb, ...); broadcast dims take ``batch`` / ``heads``.
         batch, heads, head_dim: problem size; q, k, v would be (batch, seq, heads, head_dim).
-        dtype: input dtype (bf16/fp16, fp32 as tf32x3, int8).
+        dtype: input dtype (bf16/fp16, fp32 as TF32, int8).
         arch: ``"h100"``, ``"a100"`` or a :class:`GPUArch`.
         assumptions: model knobs, default :class:`ModelAssumptions`.
 

@@ -241,7 +241,12 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
             assert sum(p["temporal_mass"]) == pytest.approx(1.0, abs=1e-6)
             assert sum(p["spatial_mass"]) == pytest.approx(1.0, abs=1e-6)
             assert p["local_ratio"] > 0
+    # One-call denoising of noised generator videos: the trained model recovers them at low
+    # noise far better than its random initialisation does.
+    den = result["denoising"]
+    assert set(den["trained"]) == {"0.2", "0.5", "0.8", "0.95", "1.0"}
+    assert den["trained"]["0.2"] > den["untrained"]["0.2"] + 5.0, den
     text = page.read_text()
-    assert "17 frames at 32 x 32" in text and "| colour | 0.25 |" in text
-    for png in ("samples.png", "attention_locality.png"):
+    assert "17 frames at 32 x 32" in text and "| colour | 0.25 |" in text and "| trained model PSNR (dB) |" in text
+    for png in ("samples.png", "attention_locality.png", "denoising.png"):
         assert (tmp_path / "toy" / png).stat().st_size > 1000
