@@ -30,8 +30,12 @@ The backward pass recomputes probabilities per group from the saved log-sum-exp
 (as FlashAttention does) and also propagates a gradient flowing into the LSE, which
 merges of partial attentions (text tokens, ring attention) need.
 
-Quantized attention (``quant=``) runs the exact integer arithmetic of the INT8 kernel
-(same quantizer, integer Q·K products, P and V formats) with plain matmuls.
+Quantized attention (``quant=``) runs the integer arithmetic of the INT8 kernel (same
+quantizer, exact integer Q·K products, P and V formats) with plain matmuls, in one pass
+per row: P is formed against the row's final maximum, where the kernel's online
+softmax uses its running maximum. With half-precision P·V the two agree to rounding;
+with INT8 P·V (fixed 1/127 scale) P is quantized against a different maximum, so the
+errors differ slightly (``evals/quant_accuracy.py --triton``).
 """
 
 from __future__ import annotations

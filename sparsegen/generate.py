@@ -163,6 +163,7 @@ class _Model:
                              "height": toy.DEFAULT_HEIGHT, "width": toy.DEFAULT_WIDTH,
                              "steps": toy.DEFAULT_NUM_INFERENCE_STEPS, "guidance": toy.DEFAULT_GUIDANCE_SCALE,
                              "fps": 8}
+            self.method_options = toy.RECOMMENDED_METHOD_OPTIONS
             self._toy = toy
         else:
             from diffusers import DiffusionPipeline
@@ -172,6 +173,7 @@ class _Model:
             self.pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype).to(device)
             self.defaults = {"prompt": "a cat walking through tall grass, cinematic", "frames": 33, "height": 480,
                              "width": 832, "steps": 30, "guidance": 5.0, "fps": 16}
+            self.method_options = {}
             self._toy = None
         self.pipe.set_progress_bar_config(disable=False, leave=False)
         self.device = device
@@ -255,6 +257,10 @@ def generate_video(
     else:
         from .patching import make_config
 
+        if not options and method in m.method_options:
+            options = dict(m.method_options[method])
+            log(f"[sparsegen] {method} options for the built-in model: "
+                + ", ".join(f"{k}={v}" for k, v in options.items()) + " (give any option to choose your own)")
         cfg = make_config(method, **(options or {}))
     summary = {"model": model, "method": cfg.to_dict(), "settings": settings, "device": device,
                "dtype": str(torch_dtype).replace("torch.", "")}

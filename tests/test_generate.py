@@ -61,3 +61,19 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         generate_main(["--decay-factor", "-1", "--steps", "1", "--out", str(tmp_path / "x.mp4")])
     assert generate_main(["--method", "radial", "--help-method"]) == 0
     assert "--decay-factor" in capsys.readouterr().out
+
+
+def test_built_in_model_gets_its_method_options_unless_the_user_gives_any(tmp_path):
+    from sparsegen.toy.pipeline import RECOMMENDED_METHOD_OPTIONS
+
+    summary_path = tmp_path / "s.json"
+    assert generate_main(["--steps", "6", "--frames", "9", "--out", "", "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["method"]["block_size"] == RECOMMENDED_METHOD_OPTIONS["radial"]["block_size"] == 64
+    assert summary["method"]["dense_steps"] == 5
+    assert summary["step_density"][:5] == [1.0] * 5 and summary["step_density"][5] < 1.0
+    # Any option given replaces the whole recommended set: the method's own defaults apply.
+    assert generate_main(["--steps", "2", "--frames", "9", "--out", "", "--json", str(summary_path),
+                          "--decay-factor", "0.5"]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["method"]["block_size"] == 128 and summary["method"]["dense_steps"] == 0

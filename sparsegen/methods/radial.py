@@ -57,6 +57,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -536,8 +537,10 @@ def add_mask_cli(subparsers) -> None:
 def _run_mask_cli(args: argparse.Namespace) -> int:
     sink = not args.no_sink
     try:
+        tic = time.perf_counter()
         mask = radial_block_mask(frames=args.frames, tokens_per_frame=args.tokens_per_frame,
                                  block_size=args.block_size, decay_factor=args.decay, sink=sink)
+        build_seconds = time.perf_counter() - tic  # first build in this process, cold
     except (TypeError, ValueError) as e:
         print(f"sparsegen mask radial: error: {e}", file=sys.stderr)
         return 2
@@ -552,7 +555,7 @@ def _run_mask_cli(args: argparse.Namespace) -> int:
             "density": mask.density(), "kept_blocks": kept, "total_blocks": total,
             "per_distance": {str(d): c for d, c in per_distance.items()},
             "frames": args.frames, "tokens_per_frame": args.tokens_per_frame, "block_size": args.block_size,
-            "decay_factor": args.decay, "sink": sink, "png": args.png,
+            "decay_factor": args.decay, "sink": sink, "png": args.png, "build_seconds": build_seconds,
         }))
         return 0
     n = args.frames * args.tokens_per_frame
@@ -560,7 +563,8 @@ def _run_mask_cli(args: argparse.Namespace) -> int:
     print(f"radial mask: {args.frames} frames x {args.tokens_per_frame} tokens = {n} tokens, "
           f"block {args.block_size}, decay {args.decay:g}, sink {'on' if sink else 'off'}")
     print(f"density {mask.density():.4f} (sparsity {100 * mask.sparsity():.2f}%): "
-          f"{kept} of {total} blocks kept ({mask.shape[2]} x {mask.shape[3]} grid)")
+          f"{kept} of {total} blocks kept ({mask.shape[2]} x {mask.shape[3]} grid); "
+          f"built in {build_seconds:.2f} s")
     print(f"kept blocks of the pair (query frame d+{k0}, key frame {k0}) per distance d:")
     for d, c in per_distance.items():
         print(f"  d={d:<4d} {c}")

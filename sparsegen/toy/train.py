@@ -469,9 +469,12 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     
     ## Limitations
     
-    - Tiny and briefly trained: generations are rough (see the samples in
-      `evals/results/toy.md`); it is an instrument for comparing attention methods, not a
-      video generator.
+    - Tiny and briefly trained: it recovers clean videos from moderately noised ones and
+      follows the prompt's colour, but it learned too little at the highest noise levels,
+      where sampling decides the layout, so videos sampled from pure noise are rough
+      coloured texture without the prompt's direction, count or background (see
+      `evals/results/toy.md`). It is an instrument for comparing attention methods against
+      dense attention, not a video generator.
     - Trained only at 17 frames, 32 x 32. Longer videos (33, 65 frames) rely on the rotary
       embedding extrapolating in time; dense and sparse are compared there against each
       other, not against ground truth.
