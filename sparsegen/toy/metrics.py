@@ -116,9 +116,19 @@ def _hue_direction(rgb) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-9)
 
 
+def _ndimage():
+    """scipy.ndimage, needed only by the video measurements (an optional dependency)."""
+    try:
+        from scipy import ndimage
+    except ImportError as exc:
+        raise ImportError("sparsegen.toy.metrics measures videos with scipy.ndimage: "
+                          "pip install scipy (or install sparsegen with the 'evals' extra)") from exc
+    return ndimage
+
+
 def _high_pass(frames_grey: np.ndarray, radius: int = 2) -> np.ndarray:
     """Grey frames (F, H, W) minus their (2r+1)^2 box average (edge-replicated)."""
-    from scipy.ndimage import uniform_filter
+    uniform_filter = _ndimage().uniform_filter
 
     return frames_grey - uniform_filter(frames_grey, size=(1, 2 * radius + 1, 2 * radius + 1), mode="nearest")
 
@@ -131,7 +141,7 @@ def background_features(frames: np.ndarray, foreground: np.ndarray | None = None
         smallest energy among the 0/45/90/135 degree directions, log10), skewness of the
         background intensity].
     """
-    from scipy.ndimage import binary_dilation
+    binary_dilation = _ndimage().binary_dilation
 
     frames = np.asarray(frames, dtype=np.float64)
     fg = foreground_mask(frames) if foreground is None else foreground
@@ -215,7 +225,7 @@ def measure_video(frames: np.ndarray) -> VideoMeasurement:
 
 def _count_objects(frames: np.ndarray, fg: np.ndarray) -> int:
     """Most frequent per-frame object count of frames (F, H, W, 3) with foreground fg (F, H, W)."""
-    from scipy.ndimage import label
+    label = _ndimage().label
 
     num_frames, height, width = fg.shape
     min_area = 0.25 * _SMALLEST_OBJECT_AREA * (min(height, width) / REFERENCE_SIZE_PX) ** 2
