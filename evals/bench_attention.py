@@ -315,12 +315,12 @@ def run(args) -> list[dict]:
     return rows
 
 
-def _case_rows(case: Case, q, shape, dense, args, emit):
+def _case_rows(case: Case, kernel_seq_len: int, shape, dense, args, emit):
     """Per-case constants and a row writer: row(method, backend, timing, diff=None, target=False)."""
     dense_s, dense_cpu = dense
     density = case.mask.density()
     model = _model_columns(case.mask, args.batch, shape["heads"], shape["head_dim"])
-    base = dict(mask_kind=case.kind, mask_params=case.params, kernel_seq_len=case.permute_q(q).shape[1],
+    base = dict(mask_kind=case.kind, mask_params=case.params, kernel_seq_len=kernel_seq_len,
                 target_density=case.target_density, density=density, token_density=case.token_density,
                 repeats=args.repeats, dense_seconds=dense_s, dense_cpu_seconds=dense_cpu, ideal_ratio=density, **shape,
                 **model)
@@ -339,9 +339,9 @@ def _case_rows(case: Case, q, shape, dense, args, emit):
 
 
 def _run_uncompiled(case: Case, q, k, v, shape, dense, args, emit) -> None:
-    row = _case_rows(case, q, shape, dense, args, emit)
+    qp, kp, vp = case.permute_q(q), case.permute_kv(k), case.permute_kv(v)
+    row = _case_rows(case, qp.shape[1], shape, dense, args, emit)
     if "torch" in args.methods:
-        qp, kp, vp = case.permute_q(q), case.permute_kv(k), case.permute_kv(v)
         timing, _ = time_calls(
             lambda: block_sparse_attention(qp, kp, vp, case.mask, backend="torch"), args.repeats, args.warmup)
         row("torch", "torch", timing, target=True)
@@ -351,8 +351,8 @@ def _run_uncompiled(case: Case, q, k, v, shape, dense, args, emit) -> None:
 
 
 def _run_flex(case: Case, q, k, v, shape, dense, args, flex, emit) -> None:
-    row = _case_rows(case, q, shape, dense, args, emit)
     qp, kp, vp = case.permute_q(q), case.permute_kv(k), case.permute_kv(v)
+    row = _case_rows(case, qp.shape[1], shape, dense, args, emit)
     bm = case.mask.to_flex_block_mask()
     qf, kf, vf = (x.transpose(1, 2).contiguous() for x in (qp, kp, vp))
     timing, out = time_calls(lambda: flex(qf, kf, vf, bm), args.repeats, args.warmup)

@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parent.parent
 # dist % (128 / w0) == 0; at 5 latent frames only the diagonal and the sink survive, for
 # any decay_factor and block size. Its density is changed here by the sink and by the
 # schedule (dense layers, dense first steps) instead.
-VMOBA_TOY_BLOCKS = dict(temporal_block=1, spatial_block=(2, 4), spatiotemporal_block=(1, 4, 4), block_size=16)
+VMOBA_TOY_BLOCKS = toy.VMOBA_BLOCKS
 SWEEPS: dict[str, list[dict]] = {
     "dense": [{}],
     "radial": [

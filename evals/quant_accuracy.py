@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy of quantized attention against fp32 dense attention.
 
-    python evals/quant_accuracy.py                # torch backend (bit-exact emulation of the kernel)
+    python evals/quant_accuracy.py                # torch backend (the kernel's integer arithmetic)
     python evals/quant_accuracy.py --triton       # also the Triton kernel in the interpreter (slow)
 
 Inputs as in the SageAttention accuracy check: N = 2048 tokens, head dim 64, 2 heads,
@@ -21,15 +21,6 @@ import sys
 import torch
 
 
-def inputs(n: int = 2048, d: int = 64, heads: int = 2, seed: int = 0):
-    """q, k, v (1, n, heads, d) fp32, k with a per-channel bias."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, n, heads, d, generator=g)
-    k = torch.randn(1, n, heads, d, generator=g) + 4.0 * torch.randn(1, 1, heads, d, generator=g)
-    v = torch.randn(1, n, heads, d, generator=g)
-    return q, k, v
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triton", action="store_true", help="also run the Triton kernel (TRITON_INTERPRET=1 on CPU)")
@@ -40,9 +31,9 @@ def main(argv=None) -> int:
 
     from sparsegen.kernels import BlockSparseMask, block_sparse_attention
     from sparsegen.kernels.reference import reference_attention
-    from sparsegen.testing import cosine, relative_l1
+    from sparsegen.testing import cosine, quant_accuracy_inputs, relative_l1
 
-    q, k, v = inputs()
+    q, k, v = quant_accuracy_inputs()
     mask = BlockSparseMask.full(q_len=q.shape[1], kv_len=k.shape[1])
     exact, _ = reference_attention(q, k, v, mask, dtype=torch.float32)
     backends = ["torch"] + (["triton"] if args.triton else [])

@@ -53,6 +53,16 @@ def assert_close_to_golden(
         )
 
 
+def quant_accuracy_inputs(n: int = 2048, d: int = 64, heads: int = 2, seed: int = 0):
+    """q, k, v (1, n, heads, d) fp32 Gaussians, k with a per-channel bias (4 x a Gaussian per
+    channel): the inputs of the SageAttention-style INT8 accuracy check."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, n, heads, d, generator=g)
+    k = torch.randn(1, n, heads, d, generator=g) + 4.0 * torch.randn(1, 1, heads, d, generator=g)
+    v = torch.randn(1, n, heads, d, generator=g)
+    return q, k, v
+
+
 def sqnr_db(actual: torch.Tensor, reference: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - actual|^2)."""
     r = reference.double()

@@ -9,7 +9,8 @@ import torch
 
 from sparsegen.kernels import BlockSparseMask, QuantConfig, block_sparse_attention
 from sparsegen.kernels.reference import reference_attention
-from sparsegen.testing import assert_close_to_golden, cosine, random_sweep_size, relative_l1, sqnr_db
+from sparsegen.testing import (assert_close_to_golden, cosine, quant_accuracy_inputs, random_sweep_size, relative_l1,
+                               sqnr_db)
 
 
 def _case(b, sq, sk, h, d, qbs, kbs, density, seed, dtype=torch.float32, per_head=True, tiles=False):
@@ -104,11 +105,8 @@ def test_empty_token_rows_give_zero_output_and_neginf_lse():
 @pytest.mark.parametrize("preset,cos_min,l1_max", [("int8", 0.999, 0.02), ("int8-pv8", 0.999, 0.04)])
 def test_int8_accuracy_gaussian_with_k_bias(preset, cos_min, l1_max):
     """ANCHORS §6: N=2048, d=64, Gaussian inputs with a per-channel bias on K."""
-    g = torch.Generator().manual_seed(0)
     n, d = 2048, 64
-    q = torch.randn(1, n, 2, d, generator=g)
-    k = torch.randn(1, n, 2, d, generator=g) + 4.0 * torch.randn(1, 1, 2, d, generator=g)
-    v = torch.randn(1, n, 2, d, generator=g)
+    q, k, v = quant_accuracy_inputs(n, d, heads=2, seed=0)
     mask = BlockSparseMask.full(q_len=n, kv_len=n)
     exact, _ = reference_attention(q, k, v, mask, dtype=torch.float32)
     out = block_sparse_attention(q.half(), k.half(), v.half(), mask, backend="torch", quant=preset)
