@@ -12,7 +12,7 @@
    videos), plus speed and foreground share against the ground truth.
 2. Denoising. The generator's videos for the same prompts are noised to fixed levels
    sigma (x_sigma = (1 - sigma) x0 + sigma noise, as in training) and the trained and
-   untrained models predict the clean video in one call (x0 = x_sigma - sigma v); PSNR
+   untrained models predict the clean video in one call; PSNR
    of that prediction against the clean video says what the model learned at each noise
    level, independently of the sampler.
 3. Attention locality. During the trained and the untrained model's generations the q
@@ -136,8 +136,9 @@ def denoising_check(pipe, real: np.ndarray, prompts, *, seed: int, sigmas=DENOIS
     scores, predictions = {}, {}
     for sigma in sigmas:
         noisy = (1.0 - sigma) * x0 + sigma * noise
-        velocity = transformer(noisy, torch.full((len(prompts),), 1000.0 * sigma), embeds, return_dict=False)[0]
-        pred = codec.unpack(codec.denormalize(noisy - sigma * velocity)).clamp(-1, 1)
+        output = transformer(noisy, torch.full((len(prompts),), 1000.0 * sigma), embeds, return_dict=False)[0]
+        x0_pred = toy.clean_latents(output, noisy, sigma, pipe.scheduler.config.prediction_type)
+        pred = codec.unpack(codec.denormalize(x0_pred)).clamp(-1, 1)
         pred = ((pred + 1.0) / 2.0).permute(0, 2, 3, 4, 1).numpy()
         predictions[sigma] = pred
         scores[sigma] = float(np.mean([psnr(p, r) for p, r in zip(pred, real)]))
@@ -164,7 +165,7 @@ def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int =
     plt.close(fig)
 
 
-def generate_all(pipe, prompts, *, seed, steps, batch, record_steps):
+def generate_all(pipe, prompts, *, seed, steps, guidance, batch, record_steps):
     """Dense generations (N, F, H, W, 3), the locality profile per layer, and the token
     grid as text ('frames x rows x columns')."""
     videos, records = [], []
@@ -172,10 +173,12 @@ def generate_all(pipe, prompts, *, seed, steps, batch, record_steps):
         chunk = prompts[start:start + batch]
         if start == 0:  # attention maps of the first batch (conditional pass only)
             with record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1) as recs:
-                videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps, **VIDEO_SIZE))
+                videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps,
+                                           guidance_scale=guidance, **VIDEO_SIZE))
             records = list(recs)
         else:
-            videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps, **VIDEO_SIZE))
+            videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps,
+                                           guidance_scale=guidance, **VIDEO_SIZE))
     layers = sorted({r.layer for r in records})
     profiles = {layer: locality_profile([r for r in records if r.layer == layer]) for layer in layers}
     g = records[0].geometry
@@ -290,7 +293,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "## Denoising: what the model learned at each noise level",
         "",
         "The generator's videos for the same prompts, noised to level sigma exactly as in training, and the clean "
-        "video predicted in one model call (x0 = x_sigma - sigma v, conditional, no guidance); mean PSNR against "
+        "video predicted in one model call (the model's clean-video output, or x_sigma - sigma v for a velocity model; conditional, no guidance); mean PSNR against "
         "the clean video (pixels in [0, 1]).",
         "",
         "| sigma | " + " | ".join(result["denoising"]["trained"]) + " |",
@@ -337,6 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=None, help="number of prompts (default 24; 4 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 4 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's, toy.DEFAULT_GUIDANCE_SCALE)")
     parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "out" / "toy_checks")
@@ -349,6 +354,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     n = args.prompts or (4 if args.quick else 24)
     steps = args.steps or (4 if args.quick else toy.DEFAULT_NUM_INFERENCE_STEPS)
+    guidance = toy.DEFAULT_GUIDANCE_SCALE if args.guidance is None else args.guidance
     record_steps = sorted({0, steps // 2, steps - 1})
     tic = time.monotonic()
 
@@ -360,7 +366,7 @@ def main(argv=None) -> int:
     pipes = {"trained": toy.load_pipeline(path=args.model_path), "untrained": untrained_pipeline(args.model_path)}
     videos, profiles = {}, {}
     for name, pipe in pipes.items():
-        videos[name], profiles[name], geometry = generate_all(pipe, prompts, seed=args.seed, steps=steps, batch=args.batch,
+        videos[name], profiles[name], geometry = generate_all(pipe, prompts, seed=args.seed, steps=steps, guidance=guidance, batch=args.batch,
                                                     record_steps=record_steps)
         print(f"generated {n} videos with the {name} model ({time.monotonic() - tic:.0f} s)", flush=True)
     real = np.stack([t.frames for t in truths])
@@ -368,7 +374,7 @@ def main(argv=None) -> int:
     result = {
         "command": "python evals/toy_checks.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "model_path": str(args.model_path or toy.ASSET_DIR.relative_to(REPO)),
-        "num_prompts": n, "steps": steps, "seed": args.seed, "guidance_scale": toy.DEFAULT_GUIDANCE_SCALE,
+        "num_prompts": n, "steps": steps, "seed": args.seed, "guidance_scale": guidance,
         "record_steps": record_steps, "recorded_prompts": min(args.batch, n), "video_size": VIDEO_SIZE,
         "threads": args.threads, "geometry": geometry,
         "background_classifier": {"videos": 16 if args.quick else 64, "training_accuracy": classifier.training_accuracy},

@@ -5,7 +5,10 @@ Rectified flow, as diffusers' flow-matching schedulers expect: for clean latents
 
     x_sigma = (1 - sigma) * x0 + sigma * n,    target velocity  v = n - x0,
 
-and the transformer gets ``timestep = 1000 * sigma``. Noise levels are drawn as
+and the transformer gets ``timestep = 1000 * sigma``. With ``prediction_type="sample"``
+the transformer outputs the clean latents ``x0_hat`` and the loss is still taken on the
+velocity it implies, ``(x_sigma - x0_hat) / max(sigma, MIN_SIGMA_FOR_VELOCITY)``, so both
+prediction types minimise the same objective. Noise levels are drawn as
 ``sigma = shift(u)``, ``u ~ U(0, 1)``, with the same shift (FLOW_SHIFT) the
 inference scheduler uses. The prompt encoder trains jointly; with probability
 ``uncond_probability`` a prompt is replaced by "" so classifier-free guidance works.
@@ -41,6 +44,11 @@ NUM_STATISTICS_VIDEOS = 256
 # Validation noise levels: fixed quantiles of the training distribution, so the
 # validation loss estimates the training objective with low variance.
 NUM_VALIDATION_LEVELS = 8
+# The velocity implied by a clean-latent prediction divides by sigma. Below this level the
+# loss weight of the clean-latent error (1 / sigma^2) is held at 1 / 0.2^2 = 25: with the
+# exact weight (up to 400 at sigma 0.05) the few low-noise samples of a batch dominated
+# the gradient and the loss spiked; the low noise levels are the easy ones.
+MIN_SIGMA_FOR_VELOCITY = 0.2
 
 
 @dataclasses.dataclass
@@ -64,6 +72,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_minutes: float = 5.0
     threads: int = 2
+    prediction_type: str = toy_pipeline.DEFAULT_PREDICTION_TYPE
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "validate_every", "log_every", "threads"):
@@ -74,6 +83,7 @@ class TrainConfig:
             raise ValueError(f"steps * batch_size = {self.steps * self.batch_size} exceeds the training seed range")
         if not 0.0 <= self.uncond_probability < 1.0:
             raise ValueError(f"uncond_probability={self.uncond_probability} must be in [0, 1)")
+        toy_pipeline._check_prediction_type(self.prediction_type)
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
 
@@ -107,19 +117,25 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.learning_rate * (config.final_lr_fraction + (1.0 - config.final_lr_fraction) * cosine)
 
 
-def flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigma, noise):
-    """Mean squared error of the predicted velocity.
+def flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigma, noise, prediction_type):
+    """Mean squared error of the predicted velocity (for ``prediction_type="sample"``, of
+    the velocity implied by the predicted clean latents).
 
     Args:
         videos: (B, 3, F, H, W) in [-1, 1]; prompts: B strings; sigma: (B,) in (0, 1);
-        noise: (B, z_dim, T, H/s, W/s) standard normal.
+        noise: (B, z_dim, T, H/s, W/s) standard normal; prediction_type: what the
+            transformer outputs (``toy_pipeline.PREDICTION_TYPES``).
     """
     x0 = codec.video_to_latents(videos)
     s = sigma.view(-1, 1, 1, 1, 1)
     noisy = (1.0 - s) * x0 + s * noise
     embeds = prompt_encoder.encode(prompts)
-    velocity = transformer(noisy, sigma * 1000.0, embeds, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(velocity.float(), (noise - x0).float())
+    output = transformer(noisy, sigma * 1000.0, embeds, return_dict=False)[0].float()
+    if prediction_type == "sample":
+        velocity = (noisy - output) / s.clamp(min=MIN_SIGMA_FOR_VELOCITY)
+    else:
+        velocity = output
+    return torch.nn.functional.mse_loss(velocity, (noise - x0).float())
 
 
 class _Validation:
@@ -135,11 +151,11 @@ class _Validation:
         self.sigma = shifted_sigma(levels.repeat(NUM_VALIDATION_VIDEOS // NUM_VALIDATION_LEVELS + 1)[:NUM_VALIDATION_VIDEOS])
 
     @torch.no_grad()
-    def loss(self, transformer, prompt_encoder, codec, chunk: int = 8) -> float:
+    def loss(self, transformer, prompt_encoder, codec, prediction_type: str, chunk: int = 8) -> float:
         total = 0.0
         for start in range(0, NUM_VALIDATION_VIDEOS, chunk):
             sl = slice(start, min(start + chunk, NUM_VALIDATION_VIDEOS))
-            loss = flow_matching_loss(transformer, prompt_encoder, codec, self.videos[sl], self.prompts[sl], self.sigma[sl], self.noise[sl])
+            loss = flow_matching_loss(transformer, prompt_encoder, codec, self.videos[sl], self.prompts[sl], self.sigma[sl], self.noise[sl], prediction_type)
             total += loss.item() * (sl.stop - sl.start)
         return total / NUM_VALIDATION_VIDEOS
 
@@ -236,7 +252,7 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        loss = flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigma, noise)
+        loss = flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigma, noise, config.prediction_type)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -257,7 +273,7 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
                 "lr": learning_rate(config, step), "elapsed_min": round((elapsed + now - session_start) / 60, 2),
             }
             if done % config.validate_every == 0 or done == config.steps:
-                record["val_loss_ema"] = round(validation.loss(ema_transformer, ema_encoder, codec), 5)
+                record["val_loss_ema"] = round(validation.loss(ema_transformer, ema_encoder, codec, config.prediction_type), 5)
                 history["validation"].append([done, record["val_loss_ema"]])
             print(json.dumps(record), flush=True)
             log.write(json.dumps(record) + "\n")
@@ -310,7 +326,7 @@ def export(out_dir, transformer, prompt_encoder, codec, history, summary):
     copy.deepcopy(transformer).to(torch.float16).save_pretrained(out_dir / "transformer", safe_serialization=True)
     prompt_encoder.save_pretrained(out_dir / "prompt_encoder", safe_serialization=True)
     codec.save_config(out_dir / "vae")
-    toy_pipeline.make_scheduler().save_pretrained(out_dir / "scheduler")
+    toy_pipeline.make_scheduler(summary["config"]["prediction_type"]).save_pretrained(out_dir / "scheduler")
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "loss_history.json").write_text(json.dumps(_downsample_history(history)) + "\n")
     plot_loss_curve(history, out_dir / "loss_curve.png", title=f"toy Wan, {summary['training_wall_minutes']} min on CPU")
@@ -349,6 +365,27 @@ def plot_loss_curve(history, path, *, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _prediction_words(config: dict) -> str:
+    if config.get("prediction_type", "flow_prediction") == "sample":
+        return "the clean latents"
+    return "the velocity"
+
+
+def _prediction_paragraph(config: dict) -> str:
+    if config.get("prediction_type", "flow_prediction") != "sample":
+        return "The transformer predicts the velocity."
+    return textwrap.fill(
+        "The transformer predicts the clean latents x0_hat; the loss is the squared error of "
+        "the velocity they imply, (x_sigma - x0_hat) / max(sigma, "
+        f"{MIN_SIGMA_FOR_VELOCITY}). A token carries 192 pixel values, as many as the model "
+        "width: clean videos lie near a low-dimensional set that a narrow model can represent, "
+        "while the velocity contains the full-rank noise (a velocity-predicting model of this "
+        "size gave noise-like samples, see evals/RESULTS.md). The cap on 1 / sigma keeps the "
+        "few low-noise samples of a batch from dominating the gradient.",
+        width=88,
+    )
 
 
 def write_model_card(asset_dir, *, note: str | None = None) -> Path:
@@ -397,7 +434,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     | `transformer/` | `WanTransformer3DModel` config + weights (fp16 safetensors, {size_mb:.1f} MB; EMA of the training weights) |
     | `prompt_encoder/` | `ToyPromptEncoder` (word + position embeddings, one transformer encoder layer; {s['prompt_encoder_parameters']:,} parameters, {enc_mb:.2f} MB), trained jointly; stands in for UMT5 |
     | `vae/config.json` | `PixelShuffleVideoCodec`: a lossless direct latent space instead of a VAE (see below), with per-channel latent statistics |
-    | `scheduler/` | `UniPCMultistepScheduler`, flow prediction, flow shift 3.0 (Wan's solver) |
+    | `scheduler/` | `UniPCMultistepScheduler` (Wan's solver), flow sigmas with shift 3.0, reading the transformer output as {_prediction_words(c)} (`prediction_type="{c.get('prediction_type', 'flow_prediction')}"`) |
     | `training_summary.json` | the training command, config, wall time, final losses, versions |
     | `loss_history.json`, `loss_curve.png` | training loss (mean of 10 steps) and validation loss of the EMA weights |
     
@@ -442,7 +479,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     (`evals/train_toy.py`; `--resume` continues from the checkpoint in
     `evals/out/toy_train`.) Rectified flow: `x_sigma = (1 - sigma) x0 + sigma noise`, target
     velocity `noise - x0`, `timestep = 1000 sigma`, sigma drawn uniformly then shifted with
-    the inference flow shift 3.0. {c['steps']} steps of batch {c['batch_size']} (fresh videos every step: {c['steps'] * c['batch_size']:,}
+    the inference flow shift 3.0. PREDICTION_PARAGRAPH {c['steps']} steps of batch {c['batch_size']} (fresh videos every step: {c['steps'] * c['batch_size']:,}
     videos, none seen twice), AdamW (lr {c['learning_rate']}, betas 0.9/0.99, weight decay {c['weight_decay']} on matrices),
     {c['warmup_steps']} warm-up steps then cosine decay to {c['final_lr_fraction']} of the peak, gradient clipping {c['grad_clip']},
     EMA {c['ema_decay']} (exported), prompts dropped to "" with probability {c['uncond_probability']} (classifier-free
@@ -488,6 +525,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     - Weights are stored in fp16 and cast to the requested dtype on load.
     """)
     text = text.replace("NOTE_LINE\n", f"  {note}\n" if note else "")
+    text = text.replace("PREDICTION_PARAGRAPH", _prediction_paragraph(c))
     path = asset / "README.md"
     path.write_text(text)
     return path
