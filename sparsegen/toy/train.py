@@ -55,7 +55,7 @@ MIN_SIGMA_FOR_VELOCITY = 0.2
 class TrainConfig:
     """Everything that defines a training run (saved with the model)."""
 
-    steps: int = 1400
+    steps: int = 2000
     batch_size: int = 16
     learning_rate: float = 5e-4
     warmup_steps: int = 100
@@ -479,7 +479,11 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     (`evals/train_toy.py`; `--resume` continues from the checkpoint in
     `evals/out/toy_train`.) Rectified flow: `x_sigma = (1 - sigma) x0 + sigma noise`, target
     velocity `noise - x0`, `timestep = 1000 sigma`, sigma drawn uniformly then shifted with
-    the inference flow shift 3.0. PREDICTION_PARAGRAPH {c['steps']} steps of batch {c['batch_size']} (fresh videos every step: {c['steps'] * c['batch_size']:,}
+    the inference flow shift 3.0.
+
+    PREDICTION_PARAGRAPH
+
+    {c['steps']} steps of batch {c['batch_size']} (fresh videos every step: {c['steps'] * c['batch_size']:,}
     videos, none seen twice), AdamW (lr {c['learning_rate']}, betas 0.9/0.99, weight decay {c['weight_decay']} on matrices),
     {c['warmup_steps']} warm-up steps then cosine decay to {c['final_lr_fraction']} of the peak, gradient clipping {c['grad_clip']},
     EMA {c['ema_decay']} (exported), prompts dropped to "" with probability {c['uncond_probability']} (classifier-free
@@ -506,12 +510,11 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     
     ## Limitations
     
-    - Tiny and briefly trained: it recovers clean videos from moderately noised ones and
-      follows the prompt's colour, but it learned too little at the highest noise levels,
-      where sampling decides the layout, so videos sampled from pure noise are rough
-      coloured texture without the prompt's direction, count or background (see
-      `evals/results/toy.md`). It is an instrument for comparing attention methods against
-      dense attention, not a video generator.
+    - Tiny and briefly trained: sampled from pure noise, its videos have the prompt's
+      colour and, well above chance, its background texture, with rough coloured objects
+      on it; but the objects are fragmented and mostly static, so the prompt's direction
+      and object count are not followed (see `evals/results/toy.md`). It is an instrument
+      for comparing attention methods against dense attention, not a video generator.
     - Trained only at 17 frames, 32 x 32. Longer videos (33, 65 frames) rely on the rotary
       embedding extrapolating in time; dense and sparse are compared there against each
       other, not against ground truth.
