@@ -29,6 +29,7 @@ folder named like the page without ``.md`` (``evals/results/toy/``; ``--figures`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -171,14 +172,14 @@ def generate_all(pipe, prompts, *, seed, steps, guidance, batch, record_steps):
     videos, records = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        if start == 0:  # attention maps of the first batch (conditional pass only)
-            with record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1) as recs:
-                videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps,
-                                           guidance_scale=guidance, **VIDEO_SIZE))
-            records = list(recs)
-        else:
+        # Attention maps of the first batch only (conditional pass only).
+        recording = (record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1) if start == 0
+                     else contextlib.nullcontext())
+        with recording as recs:
             videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps,
-                                           guidance_scale=guidance, **VIDEO_SIZE))
+                                       guidance_scale=guidance, **VIDEO_SIZE))
+        if start == 0:
+            records = list(recs)
     layers = sorted({r.layer for r in records})
     profiles = {layer: locality_profile([r for r in records if r.layer == layer]) for layer in layers}
     g = records[0].geometry
@@ -293,7 +294,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "## Denoising: what the model learned at each noise level",
         "",
         "The generator's videos for the same prompts, noised to level sigma exactly as in training, and the clean "
-        "video predicted in one model call (the model's clean-video output, or x_sigma - sigma v for a velocity model; conditional, no guidance); mean PSNR against "
+        "video predicted in one model call (the model's clean-video output, or x_sigma - sigma v for a velocity "
+        "model; conditional, no guidance); mean PSNR against "
         "the clean video (pixels in [0, 1]).",
         "",
         "| sigma | " + " | ".join(result["denoising"]["trained"]) + " |",
@@ -366,8 +368,8 @@ def main(argv=None) -> int:
     pipes = {"trained": toy.load_pipeline(path=args.model_path), "untrained": untrained_pipeline(args.model_path)}
     videos, profiles = {}, {}
     for name, pipe in pipes.items():
-        videos[name], profiles[name], geometry = generate_all(pipe, prompts, seed=args.seed, steps=steps, guidance=guidance, batch=args.batch,
-                                                    record_steps=record_steps)
+        videos[name], profiles[name], geometry = generate_all(
+            pipe, prompts, seed=args.seed, steps=steps, guidance=guidance, batch=args.batch, record_steps=record_steps)
         print(f"generated {n} videos with the {name} model ({time.monotonic() - tic:.0f} s)", flush=True)
     real = np.stack([t.frames for t in truths])
 

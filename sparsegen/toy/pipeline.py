@@ -93,7 +93,8 @@ TRANSFORMER_CONFIG: dict = dict(
 PROMPT_ENCODER_CONFIG: dict = dict(text_dim=TEXT_DIM, num_heads=2)
 
 
-def _check_prediction_type(prediction_type: str) -> None:
+def check_prediction_type(prediction_type: str) -> None:
+    """Raise ValueError unless ``prediction_type`` is one of PREDICTION_TYPES."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
 
@@ -101,7 +102,7 @@ def _check_prediction_type(prediction_type: str) -> None:
 def make_scheduler(prediction_type: str = DEFAULT_PREDICTION_TYPE) -> UniPCMultistepScheduler:
     """The flow-matching UniPC solver Wan ships with, at this model's shift, reading the
     transformer output as ``prediction_type`` (see PREDICTION_TYPES)."""
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type=prediction_type,
@@ -124,7 +125,7 @@ def clean_latents(model_output: torch.Tensor, noisy: torch.Tensor, sigma, predic
         sigma: float or (B,) noise levels.
         prediction_type: what ``model_output`` is (PREDICTION_TYPES).
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     if prediction_type == "sample":
         return model_output
     s = torch.as_tensor(sigma, dtype=noisy.dtype, device=noisy.device).reshape(-1, *([1] * (noisy.ndim - 1)))

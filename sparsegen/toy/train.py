@@ -83,7 +83,7 @@ class TrainConfig:
             raise ValueError(f"steps * batch_size = {self.steps * self.batch_size} exceeds the training seed range")
         if not 0.0 <= self.uncond_probability < 1.0:
             raise ValueError(f"uncond_probability={self.uncond_probability} must be in [0, 1)")
-        toy_pipeline._check_prediction_type(self.prediction_type)
+        toy_pipeline.check_prediction_type(self.prediction_type)
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
 
@@ -367,14 +367,17 @@ def plot_loss_curve(history, path, *, title: str = "") -> None:
     plt.close(fig)
 
 
+def _predicts_clean_latents(config: dict) -> bool:
+    # Summaries written before prediction_type existed are velocity models.
+    return config.get("prediction_type", "flow_prediction") == "sample"
+
+
 def _prediction_words(config: dict) -> str:
-    if config.get("prediction_type", "flow_prediction") == "sample":
-        return "the clean latents"
-    return "the velocity"
+    return "the clean latents" if _predicts_clean_latents(config) else "the velocity"
 
 
 def _prediction_paragraph(config: dict) -> str:
-    if config.get("prediction_type", "flow_prediction") != "sample":
+    if not _predicts_clean_latents(config):
         return "The transformer predicts the velocity."
     return textwrap.fill(
         "The transformer predicts the clean latents x0_hat; the loss is the squared error of "
