@@ -114,6 +114,17 @@ def test_data_ground_truth_matches_the_prompt():
     np.testing.assert_allclose(v.object_colour, COLOURS["green"])
 
 
+@pytest.mark.parametrize("num_frames", [17, 65])
+def test_objects_stay_inside_the_frame_when_their_speed_is_capped(num_frames):
+    # Seed 6 at 17 frames draws a speed above what the room allows: the capped trajectory
+    # fills the room exactly, and rounding must not make its start range empty.
+    for seed in range(6, 30):
+        v = render_video(seed, num_frames=num_frames)
+        for k, r in enumerate(v.radii):
+            reach = _bounding_radius(v.spec.shape, float(r))
+            assert (v.positions[:, k] >= reach - 1e-3).all() and (v.positions[:, k] <= 32 - reach + 1e-3).all(), seed
+
+
 def test_prompt_errors_name_the_problem():
     with pytest.raises(ValueError, match="does not follow the toy grammar"):
         parse_prompt("a red circle moving sideways over a striped background")
@@ -308,7 +319,29 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
     den = result["denoising"]
     assert set(den["trained"]) == {"0.2", "0.5", "0.8", "0.95", "1.0"}
     assert den["trained"]["0.2"] > den["untrained"]["0.2"] + 5.0, den
+    # Prompt reliance: the shipped model follows colour, so a changed colour word costs PSNR.
+    reliance = result["prompt_reliance"]
+    assert set(reliance) == {"colour", "shape", "count", "background", "direction", "all (empty prompt)"}
+    assert min(reliance["colour"].values()) > 0.05, reliance
     text = page.read_text()
     assert "17 frames at 32 x 32" in text and "| colour | 0.25 |" in text and "| trained model PSNR (dB) |" in text
+    assert "## Prompt reliance" in text and "| direction |" in text
     for png in ("samples.png", "attention_locality.png", "denoising.png"):
         assert (tmp_path / "toy" / png).stat().st_size > 1000
+
+
+def test_prompt_reliance_changes_exactly_one_attribute():
+    sys.path.insert(0, str(REPO / "evals"))
+    try:
+        import toy_checks
+    finally:
+        sys.path.remove(str(REPO / "evals"))
+    for spec in evaluation_specs(24):
+        for attribute in toy_checks.ATTRIBUTE_CHOICES:
+            other = toy_checks.with_other_attribute(spec, attribute)
+            changed = [f for f in ("count", "colour", "shape", "direction", "background", "pan")
+                       if getattr(other, f) != getattr(spec, f)]
+            assert changed == [attribute], (spec, attribute, other)
+            parse_prompt(other.prompt)  # still grammatical
+        assert toy_checks.with_other_attribute(spec, "direction").direction == {
+            "left": "right", "right": "left", "up": "down", "down": "up"}[spec.direction]

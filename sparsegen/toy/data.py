@@ -347,7 +347,8 @@ def render_video(
         room = extent[axis] - 2 * margin
         speed = min(speeds[k], room / max(num_frames - 1, 1))
         travel = speed * (num_frames - 1)
-        start_along = rng.uniform(margin, extent[axis] - margin - travel)
+        # max(): a speed capped to the room can overshoot it by rounding
+        start_along = rng.uniform(margin, max(margin, extent[axis] - margin - travel))
         if direction[axis] < 0:
             start_along = extent[axis] - start_along
         start_across = rng.uniform(margin, extent[1 - axis] - margin)
