@@ -21,9 +21,9 @@
    Chebyshev distance (tokens); the summary is the mass on the 3 x 3 x 3 token
    neighbourhood divided by its share under uniform attention (1 = no locality).
 4. Prompt reliance. The denoising of check 2 is repeated with one attribute of every
-   prompt changed (colour, shape, count, background to another value, direction to the
-   opposite one); the PSNR the prediction loses says how much the model uses that word
-   (0 dB = it ignores the word).
+   prompt changed (colour, shape, count, background to another value, the objects' and
+   the camera's direction to the opposite one, the camera pan removed); the PSNR the
+   prediction loses says how much the model uses that word (0 dB = it ignores the word).
 
 Writes ``<out>/toy_checks.json``, the markdown page ``evals/results/toy.md``
 (``--results``) and its figures ``attention_locality.png`` and ``samples.png`` in the
@@ -156,14 +156,22 @@ def denoising_check(pipe, real: np.ndarray, prompts, *, seed: int, sigmas=DENOIS
 # Noise levels where the model has to bring what the prompt says: the video is faint but not gone.
 RELIANCE_SIGMAS = (0.8, 0.95)
 OPPOSITE_DIRECTION = {"left": "right", "right": "left", "up": "down", "down": "up"}
-ATTRIBUTE_CHOICES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": tuple(COUNT_WORDS), "background": BACKGROUNDS,
-                     "direction": tuple(DIRECTIONS)}
+ATTRIBUTE_CHOICES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": tuple(COUNT_WORDS), "background": BACKGROUNDS}
+# Directions (of the objects, and of the camera where it pans) change to the opposite one.
+RELIANCE_ATTRIBUTES = (*ATTRIBUTE_CHOICES, "direction", "pan")
 
 
 def with_other_attribute(spec: PromptSpec, attribute: str) -> PromptSpec:
-    """``spec`` with ``attribute`` changed: the opposite direction, or the next value of the others."""
-    if attribute == "direction":
-        value = OPPOSITE_DIRECTION[spec.direction]
+    """``spec`` with one of RELIANCE_ATTRIBUTES changed: a direction or pan to the opposite
+    one, the others to the next value of their choices.
+
+    Raises:
+        ValueError: for "pan" when the camera is static (there is no pan to reverse).
+    """
+    if attribute in ("direction", "pan"):
+        if getattr(spec, attribute) is None:
+            raise ValueError(f"{spec.prompt!r} has a static camera: no pan to reverse")
+        value = OPPOSITE_DIRECTION[getattr(spec, attribute)]
     else:
         choices = ATTRIBUTE_CHOICES[attribute]
         value = choices[(choices.index(getattr(spec, attribute)) + 1) % len(choices)]
@@ -171,15 +179,30 @@ def with_other_attribute(spec: PromptSpec, attribute: str) -> PromptSpec:
 
 
 def prompt_reliance(pipe, real: np.ndarray, specs, *, seed: int, sigmas=RELIANCE_SIGMAS) -> dict:
-    """{attribute: {sigma: PSNR (dB) lost when that attribute of every prompt is changed}},
-    plus "all (empty prompt)"; same noise as the true-prompt prediction."""
-    reference, _ = denoising_check(pipe, real, [s.prompt for s in specs], seed=seed, sigmas=sigmas)
-    altered = {a: [with_other_attribute(s, a).prompt for s in specs] for a in ATTRIBUTE_CHOICES}
-    altered["all (empty prompt)"] = [""] * len(specs)
-    result = {}
-    for attribute, prompts in altered.items():
-        scores, _ = denoising_check(pipe, real, prompts, seed=seed, sigmas=sigmas)
-        result[attribute] = {str(s): reference[s] - scores[s] for s in sigmas}
+    """{change: {sigma: PSNR (dB) the one-call prediction loses when every prompt is changed so}}.
+
+    Changes: each of RELIANCE_ATTRIBUTES (the pan ones over the prompts that have a pan),
+    the pan removed, and the whole prompt emptied. The true and the changed prompts see the
+    same noise.
+    """
+    panned = [i for i, s in enumerate(specs) if s.pan is not None]
+    everyone = list(range(len(specs)))
+    changes = {a: (everyone, lambda s, a=a: with_other_attribute(s, a).prompt) for a in ATTRIBUTE_CHOICES}
+    changes["direction"] = (everyone, lambda s: with_other_attribute(s, "direction").prompt)
+    changes[f"pan reversed ({len(panned)} panning prompts)"] = (panned, lambda s: with_other_attribute(s, "pan").prompt)
+    changes[f"pan removed ({len(panned)} panning prompts)"] = (panned, lambda s: dataclasses.replace(s, pan=None).prompt)
+    changes["all (empty prompt)"] = (everyone, lambda s: "")
+    result, references = {}, {}
+    for change, (rows, alter) in changes.items():
+        if not rows:
+            continue
+        chosen = [specs[i] for i in rows]
+        if tuple(rows) not in references:
+            references[tuple(rows)] = denoising_check(pipe, real[rows], [s.prompt for s in chosen], seed=seed,
+                                                      sigmas=sigmas)[0]
+        reference = references[tuple(rows)]
+        scores, _ = denoising_check(pipe, real[rows], [alter(s) for s in chosen], seed=seed, sigmas=sigmas)
+        result[change] = {str(sg): reference[sg] - scores[sg] for sg in sigmas}
     return result
 
 
@@ -346,8 +369,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "## Prompt reliance: which words the model uses",
         "",
         "The trained model's one-call prediction above, repeated with one attribute of every prompt changed "
-        "(direction to the opposite one, the others to another value; the same noise): PSNR lost against the "
-        "prediction with the true prompt. 0 dB means the model ignores that word.",
+        "(object or camera direction to the opposite one, the others to another value, the pan removed; the same "
+        "noise): PSNR lost against the prediction with the true prompt. 0 dB means the model ignores that word.",
         "",
         "| changed | " + " | ".join(f"sigma {s}: dB lost" for s in next(iter(result["prompt_reliance"].values())))
         + " |",

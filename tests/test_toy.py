@@ -321,7 +321,7 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
     assert den["trained"]["0.2"] > den["untrained"]["0.2"] + 5.0, den
     # Prompt reliance: the shipped model follows colour, so a changed colour word costs PSNR.
     reliance = result["prompt_reliance"]
-    assert set(reliance) == {"colour", "shape", "count", "background", "direction", "all (empty prompt)"}
+    assert {"colour", "shape", "count", "background", "direction", "all (empty prompt)"} <= set(reliance)
     assert min(reliance["colour"].values()) > 0.05, reliance
     text = page.read_text()
     assert "17 frames at 32 x 32" in text and "| colour | 0.25 |" in text and "| trained model PSNR (dB) |" in text
@@ -337,7 +337,11 @@ def test_prompt_reliance_changes_exactly_one_attribute():
     finally:
         sys.path.remove(str(REPO / "evals"))
     for spec in evaluation_specs(24):
-        for attribute in toy_checks.ATTRIBUTE_CHOICES:
+        for attribute in toy_checks.RELIANCE_ATTRIBUTES:
+            if attribute == "pan" and spec.pan is None:
+                with pytest.raises(ValueError, match="static camera"):
+                    toy_checks.with_other_attribute(spec, attribute)
+                continue
             other = toy_checks.with_other_attribute(spec, attribute)
             changed = [f for f in ("count", "colour", "shape", "direction", "background", "pan")
                        if getattr(other, f) != getattr(spec, f)]
