@@ -1,6 +1,6 @@
 """Evidence that the shipped toy model learned: prompt following and attention locality.
 
-    python evals/toy_checks.py                       # full run (about 5 minutes on 2 cores)
+    python evals/toy_checks.py                       # full run (about 80 seconds on 2 cores)
     python evals/toy_checks.py --quick               # a few prompts and steps (CI smoke run)
     python evals/toy_checks.py --model-path DIR      # another asset directory
 
@@ -24,6 +24,9 @@
    prompt changed (colour, shape, count, background to another value, the objects' and
    the camera's direction to the opposite one, the camera pan removed); the PSNR the
    prediction loses says how much the model uses that word (0 dB = it ignores the word).
+   And from pure noise, where the best prediction is the mean video given the prompt,
+   whether the prediction's red mass drifts along the prompt's direction as the
+   generator's mean video does.
 
 Writes ``<out>/toy_checks.json``, the markdown page ``evals/results/toy.md``
 (``--results``) and its figures ``attention_locality.png`` and ``samples.png`` in the
@@ -206,6 +209,45 @@ def prompt_reliance(pipe, real: np.ndarray, specs, *, seed: int, sigmas=RELIANCE
     return result
 
 
+DRIFT_SEED_OFFSET = 600_000  # generator videos for the mean videos: evaluation range, apart from the others
+
+
+def red_mass_centroids(video: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) video -> (F, 2) centroid (x, y) in pixels of its red excess, max(R - (G + B) / 2, 0)."""
+    weight = np.clip(video[..., 0] - (video[..., 1] + video[..., 2]) / 2, 0.0, None)
+    ys, xs = np.mgrid[0:video.shape[1], 0:video.shape[2]] + 0.5
+    total = np.maximum(weight.sum(axis=(1, 2)), 1e-12)
+    return np.stack([(weight * xs).sum(axis=(1, 2)) / total, (weight * ys).sum(axis=(1, 2)) / total], axis=1)
+
+
+def drift_along(video: np.ndarray, direction: str) -> float:
+    """Slope (pixels per frame) of the red-mass centroid of a video along ``direction``."""
+    slope = np.polyfit(np.arange(video.shape[0]), red_mass_centroids(video), 1)[0]
+    return float(slope @ np.array(DIRECTIONS[direction]))
+
+
+def pure_noise_drift(pipe, *, seed: int, num_videos: int) -> dict:
+    """Does the model's prediction from pure noise move with the prompt's direction?
+
+    At sigma = 1 the best one-call prediction is the mean video given the prompt. For
+    "a red circle moving <D> over a plain background", the generator's mean video (over
+    ``num_videos`` layouts) drifts along D at the objects' mean speed; the
+    model's prediction, averaged over ``num_videos`` noises, is measured the same way.
+
+    Returns:
+        {direction: {"generator": px/frame, "trained": px/frame}} along each direction.
+    """
+    result = {}
+    for direction in DIRECTIONS:
+        spec = PromptSpec(1, "red", "circle", direction, "plain")
+        real = np.stack([render_video(SEED_RANGES["evaluation"] + DRIFT_SEED_OFFSET + i, spec=spec, **VIDEO_SIZE).frames
+                         for i in range(num_videos)])
+        _, predictions = denoising_check(pipe, real, [spec.prompt] * num_videos, seed=seed, sigmas=(1.0,))
+        result[direction] = {"generator": drift_along(real.mean(axis=0), direction),
+                             "trained": drift_along(predictions[1.0].mean(axis=0), direction)}
+    return result
+
+
 def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int = 8) -> None:
     """Frame ``frame`` of the first video: clean, then the trained model's prediction per noise level."""
     import matplotlib
@@ -380,6 +422,18 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {attribute} | " + " | ".join(f"{v:.2f}" for v in lost.values()) + " |")
     lines += [
         "",
+        "From pure noise (sigma 1) the best one-call prediction is the mean video given the prompt. For "
+        "'a red circle moving <direction> over a plain background', the drift (pixels per frame, along the "
+        "prompt's direction) of the red mass of the generator's mean video and of the trained model's prediction "
+        "averaged over noises (same number of videos and noises):",
+        "",
+        "| direction | generator mean video | trained model from pure noise |",
+        "|---|---|---|",
+    ]
+    for direction, drift in result["pure_noise_drift"].items():
+        lines.append(f"| {direction} | {drift['generator']:.2f} | {drift['trained']:.2f} |")
+    lines += [
+        "",
         "## Attention locality",
         "",
         f"Self-attention maps of every layer, recorded at steps {result['record_steps']} of the conditional pass for "
@@ -464,6 +518,7 @@ def main(argv=None) -> int:
         denoising[name], predictions[name] = denoising_check(pipe, real, prompts, seed=args.seed)
     result["denoising"] = {name: {str(s): v for s, v in d.items()} for name, d in denoising.items()}
     result["prompt_reliance"] = prompt_reliance(pipes["trained"], real, specs, seed=args.seed)
+    result["pure_noise_drift"] = pure_noise_drift(pipes["trained"], seed=args.seed, num_videos=8 if args.quick else 32)
     result["locality"] = {name: {str(l): p.to_dict() for l, p in profiles[name].items()} for name in profiles}
     for name in profiles:
         result["locality"][f"{name}_mean_local_ratio"] = float(np.mean([p.local_ratio for p in profiles[name].values()]))
@@ -489,6 +544,8 @@ def main(argv=None) -> int:
           f"{result['locality']['trained_mean_local_ratio']:.2f}, untrained {result['locality']['untrained_mean_local_ratio']:.2f}")
     print("PSNR lost with one attribute changed:", json.dumps(
         {a: {s: round(v, 2) for s, v in lost.items()} for a, lost in result["prompt_reliance"].items()}))
+    print("drift from pure noise (px/frame along the direction):", json.dumps(
+        {d: {k: round(v, 3) for k, v in drift.items()} for d, drift in result["pure_noise_drift"].items()}))
     print(f"wrote {args.out} in {result['wall_seconds']:.0f} s")
     return 0
 
