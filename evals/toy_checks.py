@@ -181,21 +181,22 @@ def with_other_attribute(spec: PromptSpec, attribute: str) -> PromptSpec:
     return dataclasses.replace(spec, **{attribute: value})
 
 
-def prompt_reliance(pipe, real: np.ndarray, specs, *, seed: int, sigmas=RELIANCE_SIGMAS) -> dict:
+def prompt_reliance(pipe, real: np.ndarray, specs, *, seed: int, sigmas=RELIANCE_SIGMAS, reference=None) -> dict:
     """{change: {sigma: PSNR (dB) the one-call prediction loses when every prompt is changed so}}.
 
-    Changes: each of RELIANCE_ATTRIBUTES (the pan ones over the prompts that have a pan),
+    Changes: each of RELIANCE_ATTRIBUTES (the pan one over the prompts that have a pan),
     the pan removed, and the whole prompt emptied. The true and the changed prompts see the
-    same noise.
+    same noise. ``reference``: the true prompts' {sigma: PSNR} over all of ``specs`` from
+    ``denoising_check`` with the same seed, if already computed (covering ``sigmas``).
     """
     panned = [i for i, s in enumerate(specs) if s.pan is not None]
     everyone = list(range(len(specs)))
-    changes = {a: (everyone, lambda s, a=a: with_other_attribute(s, a).prompt) for a in ATTRIBUTE_CHOICES}
-    changes["direction"] = (everyone, lambda s: with_other_attribute(s, "direction").prompt)
+    changes = {a: (everyone, lambda s, a=a: with_other_attribute(s, a).prompt) for a in RELIANCE_ATTRIBUTES if a != "pan"}
     changes[f"pan reversed ({len(panned)} panning prompts)"] = (panned, lambda s: with_other_attribute(s, "pan").prompt)
     changes[f"pan removed ({len(panned)} panning prompts)"] = (panned, lambda s: dataclasses.replace(s, pan=None).prompt)
     changes["all (empty prompt)"] = (everyone, lambda s: "")
-    result, references = {}, {}
+    references = {tuple(everyone): reference} if reference is not None else {}
+    result = {}
     for change, (rows, alter) in changes.items():
         if not rows:
             continue
@@ -203,9 +204,9 @@ def prompt_reliance(pipe, real: np.ndarray, specs, *, seed: int, sigmas=RELIANCE
         if tuple(rows) not in references:
             references[tuple(rows)] = denoising_check(pipe, real[rows], [s.prompt for s in chosen], seed=seed,
                                                       sigmas=sigmas)[0]
-        reference = references[tuple(rows)]
+        true_scores = references[tuple(rows)]
         scores, _ = denoising_check(pipe, real[rows], [alter(s) for s in chosen], seed=seed, sigmas=sigmas)
-        result[change] = {str(sg): reference[sg] - scores[sg] for sg in sigmas}
+        result[change] = {str(sg): true_scores[sg] - scores[sg] for sg in sigmas}
     return result
 
 
@@ -517,7 +518,8 @@ def main(argv=None) -> int:
     for name, pipe in pipes.items():
         denoising[name], predictions[name] = denoising_check(pipe, real, prompts, seed=args.seed)
     result["denoising"] = {name: {str(s): v for s, v in d.items()} for name, d in denoising.items()}
-    result["prompt_reliance"] = prompt_reliance(pipes["trained"], real, specs, seed=args.seed)
+    result["prompt_reliance"] = prompt_reliance(pipes["trained"], real, specs, seed=args.seed,
+                                                reference=denoising["trained"])
     result["pure_noise_drift"] = pure_noise_drift(pipes["trained"], seed=args.seed, num_videos=8 if args.quick else 32)
     result["locality"] = {name: {str(l): p.to_dict() for l, p in profiles[name].items()} for name in profiles}
     for name in profiles:
