@@ -55,9 +55,9 @@ MIN_SIGMA_FOR_VELOCITY = 0.2
 class TrainConfig:
     """Everything that defines a training run (saved with the model)."""
 
-    steps: int = 2000
+    steps: int = 2600
     batch_size: int = 16
-    learning_rate: float = 5e-4
+    learning_rate: float = 2e-3
     warmup_steps: int = 100
     final_lr_fraction: float = 0.1  # cosine decay ends at this fraction of the peak
     weight_decay: float = 0.01
@@ -509,15 +509,16 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
       density sweeps, 2x and 4x length): `python evals/quality.py`, results in
       `evals/results/quality.md`.
     
-    Default generation settings: 17 frames, 32 x 32, 20 steps, guidance 4.0.
+    Default generation settings: 17 frames, 32 x 32, 20 steps, guidance {toy_pipeline.DEFAULT_GUIDANCE_SCALE}.
     
     ## Limitations
     
     - Tiny and briefly trained: sampled from pure noise, its videos have the prompt's
-      colour and, well above chance, its background texture, with rough coloured objects
-      on it; but the objects are fragmented and mostly static, so the prompt's direction
-      and object count are not followed (see `evals/results/toy.md`). It is an instrument
-      for comparing attention methods against dense attention, not a video generator.
+      colour and, well above chance, its background texture, with rough, fragmented
+      coloured objects on it that move, but in the prompt's direction only a little more
+      often than chance, and in the wrong number (see `evals/results/toy.md`). It is an
+      instrument for comparing attention methods against dense attention, not a video
+      generator.
     - Trained only at 17 frames, 32 x 32. Longer videos (33, 65 frames) rely on the rotary
       embedding extrapolating in time; dense and sparse are compared there against each
       other, not against ground truth.
