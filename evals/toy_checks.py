@@ -99,6 +99,15 @@ def untrained_pipeline(model_path=None):
                               trained.scheduler)
 
 
+def above_chance_p(hits: int, trials: int, chance: float) -> float:
+    """One-sided binomial p-value: the probability of at least ``hits`` of ``trials``
+    checks passing by chance alone. With 24 prompts a check needs about 11 hits at chance
+    0.25 (and about 13 at 1/3) to get below 0.05."""
+    from scipy.stats import binom
+
+    return float(binom.sf(hits - 1, trials, chance))
+
+
 def score(videos, specs, truths, classifier) -> dict:
     """Per-check accuracy and ground-truth comparisons for videos (N, F, H, W, 3)."""
     rows = []
@@ -115,11 +124,14 @@ def score(videos, specs, truths, classifier) -> dict:
                    "count": m.count == spec.count, "background": classifier.predict(m.background) == spec.background},
         })
     accuracy = {k: float(np.mean([r["ok"][k] for r in rows])) for k in CHANCE}
+    hits = {k: int(sum(r["ok"][k] for r in rows)) for k in CHANCE}
     real_fg = np.array([float((measure_video(t.frames).foreground_fraction)) for t in truths])
     fg = np.array([r["foreground_fraction"] for r in rows])
     speed_ratio = np.array([r["speed"] / r["true_speed"] for r in rows])
     return {
         "accuracy": accuracy,
+        "hits": hits,
+        "p_above_chance": {k: above_chance_p(hits[k], len(rows), CHANCE[k]) for k in CHANCE},
         "median_speed_ratio": float(np.median(speed_ratio)),
         "mean_foreground_fraction": float(fg.mean()),
         "mean_foreground_fraction_real": float(real_fg.mean()),
@@ -372,16 +384,22 @@ def write_markdown(result: dict, path: Path) -> None:
         "The same pixel-level reader scores the generator's own videos for the same prompts (the ceiling of each "
         "check), the trained model and the untrained model (same architecture, diffusers' default initialisation).",
         "",
-        "| check | chance | generator ground truth | trained model | untrained model |",
-        "|---|---|---|---|---|",
+        "*p* = one-sided binomial probability of at least the trained model's hits by chance alone "
+        "(below 0.05: the model follows that part of the prompt more often than chance).",
+        "",
+        "| check | chance | generator ground truth | trained model | trained: hits, p | untrained model |",
+        "|---|---|---|---|---|---|",
     ]
+    trained = result["trained"]
     for k in CHANCE:
-        lines.append(f"| {k} | {CHANCE[k]:.2f} | {acc['real'][k]:.2f} | {acc['trained'][k]:.2f} | {acc['untrained'][k]:.2f} |")
+        lines.append(f"| {k} | {CHANCE[k]:.2f} | {acc['real'][k]:.2f} | {acc['trained'][k]:.2f} | "
+                     f"{trained['hits'][k]}/{result['num_prompts']}, {trained['p_above_chance'][k]:.2g} | "
+                     f"{acc['untrained'][k]:.2f} |")
     lines += [
         f"| speed / true speed (median) | - | {result['real']['median_speed_ratio']:.2f} | "
-        f"{result['trained']['median_speed_ratio']:.2f} | {result['untrained']['median_speed_ratio']:.2f} |",
+        f"{result['trained']['median_speed_ratio']:.2f} | - | {result['untrained']['median_speed_ratio']:.2f} |",
         f"| foreground share of pixels (mean) | - | {result['real']['mean_foreground_fraction']:.3f} | "
-        f"{result['trained']['mean_foreground_fraction']:.3f} | {result['untrained']['mean_foreground_fraction']:.3f} |",
+        f"{result['trained']['mean_foreground_fraction']:.3f} | - | {result['untrained']['mean_foreground_fraction']:.3f} |",
         "",
         "How each check reads a video: foreground = pixels whose HSV saturation is above the midpoint between the most "
         "saturated background and the least saturated object colour the generator can make; colour = the named colour "

@@ -306,6 +306,12 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
     # The generator's own videos are the ceiling: colour and direction must read back exactly.
     assert result["real"]["accuracy"]["colour"] == 1.0 and result["real"]["accuracy"]["direction"] == 1.0
     assert set(result["trained"]["accuracy"]) == {"colour", "direction", "count", "background"}
+    # Hits and their chance p-values agree with the accuracies (2 prompts: 2 hits at chance
+    # 0.25 happen with probability 0.0625, none with probability 1).
+    for name in ("real", "trained"):
+        for check, acc in result[name]["accuracy"].items():
+            assert result[name]["hits"][check] == round(acc * 2)
+    assert result["real"]["p_above_chance"]["colour"] == pytest.approx(0.0625)
     layers = toy.TRANSFORMER_CONFIG["num_layers"]
     for name in ("trained", "untrained"):
         profiles = [result["locality"][name][str(layer)] for layer in range(layers)]
@@ -335,12 +341,28 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
         assert (tmp_path / "toy" / png).stat().st_size > 1000
 
 
-def test_prompt_reliance_changes_exactly_one_attribute():
+def _import_toy_checks():
+    """evals/toy_checks.py as a module (evals/ is a folder of scripts, not a package)."""
     sys.path.insert(0, str(REPO / "evals"))
     try:
         import toy_checks
     finally:
         sys.path.remove(str(REPO / "evals"))
+    return toy_checks
+
+
+def test_above_chance_p_is_the_binomial_upper_tail():
+    toy_checks = _import_toy_checks()
+    for hits, trials, chance in ((9, 24, 0.25), (14, 24, 0.25), (5, 24, 1 / 3), (24, 24, 0.25), (0, 24, 0.25)):
+        tail = sum(math.comb(trials, k) * chance**k * (1 - chance) ** (trials - k) for k in range(hits, trials + 1))
+        assert toy_checks.above_chance_p(hits, trials, chance) == pytest.approx(tail, rel=1e-9)
+    # What its docstring promises: at 24 prompts, 11 hits are needed at chance 0.25, 13 at 1/3.
+    assert toy_checks.above_chance_p(10, 24, 0.25) > 0.05 > toy_checks.above_chance_p(11, 24, 0.25)
+    assert toy_checks.above_chance_p(12, 24, 1 / 3) > 0.05 > toy_checks.above_chance_p(13, 24, 1 / 3)
+
+
+def test_prompt_reliance_changes_exactly_one_attribute():
+    toy_checks = _import_toy_checks()
     for spec in evaluation_specs(24):
         for attribute in toy_checks.RELIANCE_ATTRIBUTES:
             if attribute == "pan" and spec.pan is None:
