@@ -123,8 +123,8 @@ def score(videos, specs, truths, classifier) -> dict:
             "ok": {"colour": m.colour == spec.colour, "direction": m.direction == spec.direction,
                    "count": m.count == spec.count, "background": classifier.predict(m.background) == spec.background},
         })
-    accuracy = {k: float(np.mean([r["ok"][k] for r in rows])) for k in CHANCE}
     hits = {k: int(sum(r["ok"][k] for r in rows)) for k in CHANCE}
+    accuracy = {k: hits[k] / len(rows) for k in CHANCE}
     real_fg = np.array([float((measure_video(t.frames).foreground_fraction)) for t in truths])
     fg = np.array([r["foreground_fraction"] for r in rows])
     speed_ratio = np.array([r["speed"] / r["true_speed"] for r in rows])
@@ -397,9 +397,9 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"{acc['untrained'][k]:.2f} |")
     lines += [
         f"| speed / true speed (median) | - | {result['real']['median_speed_ratio']:.2f} | "
-        f"{result['trained']['median_speed_ratio']:.2f} | - | {result['untrained']['median_speed_ratio']:.2f} |",
+        f"{trained['median_speed_ratio']:.2f} | - | {result['untrained']['median_speed_ratio']:.2f} |",
         f"| foreground share of pixels (mean) | - | {result['real']['mean_foreground_fraction']:.3f} | "
-        f"{result['trained']['mean_foreground_fraction']:.3f} | - | {result['untrained']['mean_foreground_fraction']:.3f} |",
+        f"{trained['mean_foreground_fraction']:.3f} | - | {result['untrained']['mean_foreground_fraction']:.3f} |",
         "",
         "How each check reads a video: foreground = pixels whose HSV saturation is above the midpoint between the most "
         "saturated background and the least saturated object colour the generator can make; colour = the named colour "

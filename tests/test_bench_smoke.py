@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from eval_scripts import import_eval_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "evals", "bench_attention.py")
 
@@ -31,11 +33,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_writes_csv_with_schema(tiny_run):
-    sys.path.insert(0, os.path.join(ROOT, "evals"))
-    try:
-        import bench_attention
-    finally:
-        sys.path.pop(0)
+    bench_attention = import_eval_script("bench_attention")
     out, _ = tiny_run
     with open(out / "bench_attention.csv", newline="") as f:
         reader = csv.DictReader(f)

@@ -22,6 +22,8 @@ from sparsegen.toy.data import COLOURS, SEED_RANGES, _bounding_radius, evaluatio
 from sparsegen.toy.metrics import measure_video, psnr, ssim
 from sparsegen.toy.probe import record_attention_inputs
 
+from eval_scripts import import_eval_script
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "two green squares moving up over a dotted background, camera panning left"
 
@@ -341,18 +343,8 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
         assert (tmp_path / "toy" / png).stat().st_size > 1000
 
 
-def _import_toy_checks():
-    """evals/toy_checks.py as a module (evals/ is a folder of scripts, not a package)."""
-    sys.path.insert(0, str(REPO / "evals"))
-    try:
-        import toy_checks
-    finally:
-        sys.path.remove(str(REPO / "evals"))
-    return toy_checks
-
-
 def test_above_chance_p_is_the_binomial_upper_tail():
-    toy_checks = _import_toy_checks()
+    toy_checks = import_eval_script("toy_checks")
     for hits, trials, chance in ((9, 24, 0.25), (14, 24, 0.25), (5, 24, 1 / 3), (24, 24, 0.25), (0, 24, 0.25)):
         tail = sum(math.comb(trials, k) * chance**k * (1 - chance) ** (trials - k) for k in range(hits, trials + 1))
         assert toy_checks.above_chance_p(hits, trials, chance) == pytest.approx(tail, rel=1e-9)
@@ -362,7 +354,7 @@ def test_above_chance_p_is_the_binomial_upper_tail():
 
 
 def test_prompt_reliance_changes_exactly_one_attribute():
-    toy_checks = _import_toy_checks()
+    toy_checks = import_eval_script("toy_checks")
     for spec in evaluation_specs(24):
         for attribute in toy_checks.RELIANCE_ATTRIBUTES:
             if attribute == "pan" and spec.pan is None:
