@@ -18,7 +18,7 @@ import sparsegen
 from sparsegen.methods import METHOD_MODULES
 from sparsegen.toy import pipeline as toy
 from sparsegen.toy.codec import PixelShuffleVideoCodec
-from sparsegen.toy.data import COLOURS, SEED_RANGES, _bounding_radius, evaluation_specs, parse_prompt, render_video
+from sparsegen.toy.data import COLOURS, SEED_RANGES, _bounding_radius, evaluation_specs, parse_prompt, render_batch, render_video
 from sparsegen.toy.metrics import measure_video, psnr, ssim
 from sparsegen.toy.probe import record_attention_inputs
 
@@ -193,6 +193,34 @@ def test_clean_latent_prediction_trains_on_the_velocity_objective():
     assert losses["sample"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="prediction_type='epsilon'"):
         toy_train.TrainConfig(prediction_type="epsilon")
+
+
+def test_bf16_training_precision_matches_fp32_loss_and_gradients():
+    """The bf16 autocast step computes the fp32 loss and gradient to bf16 accuracy
+    (and actually runs the transformer's matrix products in bf16)."""
+    from sparsegen.toy import train as toy_train
+
+    transformer, encoder = toy.new_transformer(0), toy.new_prompt_encoder(0)
+    codec = PixelShuffleVideoCodec(scale_factor_spatial=toy.SPATIAL_FACTOR, scale_factor_temporal=toy.TEMPORAL_FACTOR)
+    videos, prompts, _ = render_batch(range(2))
+    sigma = torch.tensor([0.3, 0.9])
+    noise = torch.randn(codec.pack(videos).shape, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for mode in ("no", "bf16"):
+        transformer.zero_grad()
+        seen = []
+        hook = transformer.proj_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        with toy_train.training_precision(mode):
+            loss = toy_train.flow_matching_loss(transformer, encoder, codec, videos, prompts, sigma, noise, "sample")
+        hook.remove()
+        loss.backward()
+        results[mode] = (loss.item(), transformer.proj_out.weight.grad.clone(), seen[0])
+    assert results["no"][2] == torch.float32 and results["bf16"][2] == torch.bfloat16
+    assert results["bf16"][0] == pytest.approx(results["no"][0], rel=2e-2)
+    g32, g16 = results["no"][1], results["bf16"][1]
+    assert float((g16 - g32).norm() / g32.norm()) < 5e-2
+    with pytest.raises(ValueError, match="mixed_precision='fp16'"):
+        toy_train.TrainConfig(mixed_precision="fp16")
 
 
 def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):

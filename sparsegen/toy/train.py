@@ -49,13 +49,14 @@ NUM_VALIDATION_LEVELS = 8
 # exact weight (up to 400 at sigma 0.05) the few low-noise samples of a batch dominated
 # the gradient and the loss spiked; the low noise levels are the easy ones.
 MIN_SIGMA_FOR_VELOCITY = 0.2
+MIXED_PRECISION_MODES = ("no", "bf16")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a training run (saved with the model)."""
 
-    steps: int = 2600
+    steps: int = 3300
     batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_steps: int = 100
@@ -73,6 +74,9 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     threads: int = 2
     prediction_type: str = toy_pipeline.DEFAULT_PREDICTION_TYPE
+    # "bf16": the training step's forward and backward run under CPU bfloat16 autocast
+    # (about 1.25x faster per step on 2 cores); weights, optimizer, EMA and validation stay fp32.
+    mixed_precision: str = "bf16"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "validate_every", "log_every", "threads"):
@@ -86,11 +90,19 @@ class TrainConfig:
         toy_pipeline.check_prediction_type(self.prediction_type)
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
+        training_precision(self.mixed_precision)  # raises on an unknown mode
 
 
 def shifted_sigma(u: torch.Tensor, shift: float = toy_pipeline.FLOW_SHIFT) -> torch.Tensor:
     """Map u in [0, 1] to a noise level with the flow-matching time shift."""
     return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def training_precision(mixed_precision: str):
+    """The autocast context the training step runs in (a no-op for "no")."""
+    if mixed_precision not in MIXED_PRECISION_MODES:
+        raise ValueError(f"mixed_precision={mixed_precision!r} must be one of {list(MIXED_PRECISION_MODES)}")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
 def measure_latent_statistics(config: TrainConfig) -> tuple[list[float], list[float]]:
@@ -252,7 +264,8 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        loss = flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigma, noise, config.prediction_type)
+        with training_precision(config.mixed_precision):
+            loss = flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigma, noise, config.prediction_type)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -316,6 +329,13 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
     }
     export(out_dir, ema_transformer, ema_encoder, codec, history, summary)
     return summary
+
+
+def _precision_words(config: dict) -> str:
+    # Summaries written before mixed_precision existed trained in fp32.
+    if config.get("mixed_precision", "no") == "bf16":
+        return "forward and backward under bfloat16 autocast (weights, optimizer and EMA in fp32)"
+    return "fp32"
 
 
 def export(out_dir, transformer, prompt_encoder, codec, history, summary):
@@ -490,7 +510,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     videos, none seen twice), AdamW (lr {c['learning_rate']}, betas 0.9/0.99, weight decay {c['weight_decay']} on matrices),
     {c['warmup_steps']} warm-up steps then cosine decay to {c['final_lr_fraction']} of the peak, gradient clipping {c['grad_clip']},
     EMA {c['ema_decay']} (exported), prompts dropped to "" with probability {c['uncond_probability']} (classifier-free
-    guidance), {c['threads']} CPU threads, fp32.
+    guidance), {c['threads']} CPU threads, {_precision_words(c)}.
     
     - Wall time: **{s['training_wall_minutes']} min** ({s['machine']}; from `training_summary.json`).
     NOTE_LINE
