@@ -1,4 +1,4 @@
-"""Train the toy Wan model shipped in sparsegen/assets/toy_wan (CPU, about 50 minutes on 2 cores).
+"""Train the toy Wan model shipped in sparsegen/assets/toy_wan (CPU, about 56 minutes on 2 cores).
 
     python evals/train_toy.py                      # the documented run, writes the assets
     python evals/train_toy.py --benchmark 5        # time 5 steps, write nothing

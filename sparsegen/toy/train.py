@@ -75,7 +75,7 @@ class TrainConfig:
     threads: int = 2
     prediction_type: str = toy_pipeline.DEFAULT_PREDICTION_TYPE
     # "bf16": the training step's forward and backward run under CPU bfloat16 autocast
-    # (about 1.25x faster per step on 2 cores); weights, optimizer, EMA and validation stay fp32.
+    # (about 1.2x faster per step on 2 cores); weights, optimizer, EMA and validation stay fp32.
     mixed_precision: str = "bf16"
 
     def __post_init__(self):
@@ -535,9 +535,9 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     
     - Tiny and briefly trained: sampled from pure noise, its videos have the prompt's
       colour and, well above chance, its background texture, with rough, fragmented
-      coloured objects on it that move, but in the prompt's direction only a little more
-      often than chance, and in the wrong number (see `evals/results/toy.md`). It is an
-      instrument for comparing attention methods against dense attention, not a video
+      coloured objects on it that move, but not in the prompt's direction more often than
+      chance, and not reliably in the prompt's number (see `evals/results/toy.md`). It is
+      an instrument for comparing attention methods against dense attention, not a video
       generator.
     - Trained only at 17 frames, 32 x 32. Longer videos (33, 65 frames) rely on the rotary
       embedding extrapolating in time; dense and sparse are compared there against each
