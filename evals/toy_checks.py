@@ -1,6 +1,6 @@
 """Evidence that the shipped toy model learned: prompt following and attention locality.
 
-    python evals/toy_checks.py                       # full run (about 80 seconds on 2 cores)
+    python evals/toy_checks.py                       # full run (about 2 minutes on 2 cores)
     python evals/toy_checks.py --quick               # a few prompts and steps (CI smoke run)
     python evals/toy_checks.py --model-path DIR      # another asset directory
 
@@ -9,7 +9,10 @@
    videos for the same prompts (the ceiling of each check) are read back with
    ``sparsegen.toy.metrics.measure_video``: dominant colour, direction of motion, object
    count, background texture (nearest-centroid classifier fitted on separate real
-   videos), plus speed and foreground share against the ground truth.
+   videos), plus speed and foreground share against the ground truth, and motion
+   consistency: the share of frames showing an object, how far the object's track
+   strays from a straight line, and whether reversing the direction word (same noise)
+   reverses the motion.
 2. Denoising. The generator's videos for the same prompts are noised to fixed levels
    sigma (x_sigma = (1 - sigma) x0 + sigma noise, as in training) and the trained and
    untrained models predict the clean video in one call; PSNR
@@ -93,10 +96,10 @@ def _with_background(seed: int, background: str) -> PromptSpec:
 
 def untrained_pipeline(model_path=None):
     """The shipped architecture at diffusers' default initialisation (and an untrained
-    prompt encoder), with the trained model's codec and scheduler."""
+    prompt encoder), with the trained model's codec, scheduler and noise prior."""
     trained = toy.load_pipeline(path=model_path)
     return toy.build_pipeline(toy.new_transformer(seed=0).eval(), trained.vae, toy.new_prompt_encoder(seed=0).eval(),
-                              trained.scheduler)
+                              trained.scheduler, trained.toy_frame_noise_correlation)
 
 
 def above_chance_p(hits: int, trials: int, chance: float) -> float:
@@ -120,6 +123,7 @@ def score(videos, specs, truths, classifier) -> dict:
             "background": classifier.predict(m.background),
             "speed": float(np.linalg.norm(m.velocity)), "true_speed": true_speed,
             "foreground_fraction": m.foreground_fraction,
+            "present_fraction": m.present_fraction, "track_jitter": m.track_jitter,
             "ok": {"colour": m.colour == spec.colour, "direction": m.direction == spec.direction,
                    "count": m.count == spec.count, "background": classifier.predict(m.background) == spec.background},
         })
@@ -128,6 +132,7 @@ def score(videos, specs, truths, classifier) -> dict:
     real_fg = np.array([float((measure_video(t.frames).foreground_fraction)) for t in truths])
     fg = np.array([r["foreground_fraction"] for r in rows])
     speed_ratio = np.array([r["speed"] / r["true_speed"] for r in rows])
+    jitter = [r["track_jitter"] for r in rows if r["track_jitter"] is not None]
     return {
         "accuracy": accuracy,
         "hits": hits,
@@ -135,8 +140,30 @@ def score(videos, specs, truths, classifier) -> dict:
         "median_speed_ratio": float(np.median(speed_ratio)),
         "mean_foreground_fraction": float(fg.mean()),
         "mean_foreground_fraction_real": float(real_fg.mean()),
+        "mean_present_fraction": float(np.mean([r["present_fraction"] for r in rows])),
+        "median_track_jitter": float(np.median(jitter)) if jitter else None,
         "rows": rows,
     }
+
+
+def reversal_agreement(videos, reversed_videos) -> dict:
+    """Does reversing the direction word reverse the motion, noise held fixed?
+
+    Args:
+        videos, reversed_videos: (N, F, H, W, 3) for the prompts and for the same prompts
+            with the objects' direction reversed (same noise / same generator seed).
+    Returns:
+        {"reversed": share of pairs whose fitted motions point in opposite directions
+        (cosine below 0), "median_cosine": median cosine between the two motions}; pairs
+        where either video shows no motion are counted as not reversed.
+    """
+    cosines = []
+    for a, b in zip(videos, reversed_videos):
+        va, vb = measure_video(a).velocity, measure_video(b).velocity
+        norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
+        cosines.append(float(va @ vb) / norm if norm > 0 else 0.0)
+    cosines = np.array(cosines)
+    return {"reversed": float(np.mean(cosines < 0)), "median_cosine": float(np.median(cosines))}
 
 
 DENOISING_SIGMAS = (0.2, 0.5, 0.8, 0.95, 1.0)
@@ -154,7 +181,8 @@ def denoising_check(pipe, real: np.ndarray, prompts, *, seed: int, sigmas=DENOIS
     codec, transformer = pipe.vae, pipe.transformer
     video = torch.from_numpy(real).permute(0, 4, 1, 2, 3).float() * 2.0 - 1.0  # (N, 3, F, H, W) in [-1, 1]
     x0 = codec.video_to_latents(video)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    # The noise the model was trained with (its frame correlation, if any).
+    noise = toy.frame_correlated_noise(x0.shape, torch.Generator().manual_seed(seed), pipe.toy_frame_noise_correlation)
     embeds = toy.encode_prompt(pipe, list(prompts))
     scores, predictions = {}, {}
     for sigma in sigmas:
@@ -362,6 +390,10 @@ def plot_samples(rows: list[tuple[str, np.ndarray]], prompts: list[str], path: P
     plt.close(fig)
 
 
+def _maybe(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def write_markdown(result: dict, path: Path) -> None:
     acc = {k: result[k]["accuracy"] for k in ("real", "trained", "untrained")}
     lines = [
@@ -400,6 +432,18 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{trained['median_speed_ratio']:.2f} | - | {result['untrained']['median_speed_ratio']:.2f} |",
         f"| foreground share of pixels (mean) | - | {result['real']['mean_foreground_fraction']:.3f} | "
         f"{trained['mean_foreground_fraction']:.3f} | - | {result['untrained']['mean_foreground_fraction']:.3f} |",
+        "| frames showing an object (mean share) | - | "
+        + " | ".join(f"{result[k]['mean_present_fraction']:.2f}" + (" | -" if k == "trained" else "")
+                     for k in ("real", "trained", "untrained")) + " |",
+        "| track jitter, px (median) | - | "
+        + " | ".join(_maybe(result[k]['median_track_jitter'], ".2f") + (" | -" if k == "trained" else "")
+                     for k in ("real", "trained", "untrained")) + " |",
+        "| direction word reversed, same noise: motion reverses (share) | - | "
+        + " | ".join(f"{result[k]['direction_reversal']['reversed']:.2f}" + (" | -" if k == "trained" else "")
+                     for k in ("real", "trained", "untrained")) + " |",
+        "| same: median cosine between the two motions | - | "
+        + " | ".join(f"{result[k]['direction_reversal']['median_cosine']:+.2f}" + (" | -" if k == "trained" else "")
+                     for k in ("real", "trained", "untrained")) + " |",
         "",
         "How each check reads a video: foreground = pixels whose HSV saturation is above the midpoint between the most "
         "saturated background and the least saturated object colour the generator can make; colour = the named colour "
@@ -408,7 +452,14 @@ def write_markdown(result: dict, path: Path) -> None:
         "the regions of its bright interior, i.e. without the darker outline rings, when it holds several; the "
         "generator's own count falls short where an object stays mostly hidden behind another); background = nearest centroid of three texture features, fitted on "
         f"{result['background_classifier']['videos']} separate generator videos (accuracy on them "
-        f"{result['background_classifier']['training_accuracy']:.2f}).",
+        f"{result['background_classifier']['training_accuracy']:.2f}). "
+        "Motion consistency: a frame shows an object when its foreground covers at least a quarter of the smallest "
+        "object's area; track jitter = RMS distance in pixels of the per-frame foreground centroid from its fitted "
+        "straight line (the generator's objects move steadily; occlusion moves the centroid a little); direction "
+        "reversal = each prompt generated again with the objects' direction reversed and the same noise (the "
+        "generator: the same seed): the share of pairs whose fitted motions point in opposite directions (cosine "
+        "below 0), and their median cosine: -1 when the word alone sets the direction, near 0 for unrelated "
+        "motions, +1 when the noise alone sets it.",
         "",
         f"![samples]({result['figure_links']['samples']})",
         "",
@@ -519,6 +570,16 @@ def main(argv=None) -> int:
             pipe, prompts, seed=args.seed, steps=steps, guidance=guidance, batch=args.batch, record_steps=record_steps)
         print(f"generated {n} videos with the {name} model ({time.monotonic() - tic:.0f} s)", flush=True)
     real = np.stack([t.frames for t in truths])
+    # The same prompts with the objects' direction reversed, from the same noise (generator: the same seed).
+    reversed_specs = [with_other_attribute(s, "direction") for s in specs]
+    reversed_videos = {"real": np.stack([render_video(SEED_RANGES["evaluation"] + i, spec=s, **VIDEO_SIZE).frames
+                                         for i, s in enumerate(reversed_specs)])}
+    for name, pipe in pipes.items():
+        reversed_videos[name] = np.concatenate([
+            toy.generate(pipe, [s.prompt for s in reversed_specs[start:start + args.batch]], seed=args.seed + start,
+                         num_inference_steps=steps, guidance_scale=guidance, **VIDEO_SIZE)
+            for start in range(0, n, args.batch)])
+    print(f"generated the direction-reversed prompts ({time.monotonic() - tic:.0f} s)", flush=True)
 
     result = {
         "command": "python evals/toy_checks.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
@@ -532,6 +593,8 @@ def main(argv=None) -> int:
         "trained": score(videos["trained"], specs, truths, classifier),
         "untrained": score(videos["untrained"], specs, truths, classifier),
     }
+    for name, ordinary in (("real", real), ("trained", videos["trained"]), ("untrained", videos["untrained"])):
+        result[name]["direction_reversal"] = reversal_agreement(ordinary, reversed_videos[name])
     denoising, predictions = {}, {}
     for name, pipe in pipes.items():
         denoising[name], predictions[name] = denoising_check(pipe, real, prompts, seed=args.seed)
@@ -559,7 +622,9 @@ def main(argv=None) -> int:
     if str(args.results) != "-":
         write_markdown(result, args.results)
     for name in ("real", "trained", "untrained"):
-        print(name, json.dumps(result[name]["accuracy"]))
+        print(name, json.dumps(result[name]["accuracy"]), "objects shown:", round(result[name]["mean_present_fraction"], 3),
+              "track jitter px:", result[name]["median_track_jitter"], "direction reversal:",
+              json.dumps({k: round(v, 3) for k, v in result[name]["direction_reversal"].items()}))
     print("local mass ratio (mean over layers): trained "
           f"{result['locality']['trained_mean_local_ratio']:.2f}, untrained {result['locality']['untrained_mean_local_ratio']:.2f}")
     print("PSNR lost with one attribute changed:", json.dumps(

@@ -228,7 +228,8 @@ def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):
     reads the output as the run's prediction type, and generates a video."""
     from sparsegen.toy import train as toy_train
 
-    config = toy_train.TrainConfig(steps=2, batch_size=2, warmup_steps=1, validate_every=2, log_every=1, threads=2)
+    config = toy_train.TrainConfig(steps=2, batch_size=2, warmup_steps=1, validate_every=2, log_every=1, threads=2,
+                                   frame_noise_correlation=0.5)
     summary = toy_train.train(config, tmp_path / "asset", tmp_path / "run", command="test")
     assert summary["steps_done"] == 2 and math.isfinite(summary["final_validation_loss_ema"])
     loaded = toy.load_pipeline(path=tmp_path / "asset")
@@ -236,6 +237,52 @@ def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):
     video = toy.generate(loaded, ["a red circle moving right over a plain background"], num_inference_steps=2)
     assert video.shape == (1, 17, 32, 32, 3) and np.isfinite(video).all()
     assert (tmp_path / "asset" / "README.md").is_file()
+    # Generation draws the noise prior the run trained with.
+    assert loaded.toy_frame_noise_correlation == 0.5
+    assert f"{config.frame_noise_correlation} of its variance" in (tmp_path / "asset" / "README.md").read_text()
+
+
+def test_frame_correlated_noise_shares_the_stated_variance_across_latent_frames():
+    shape = (64, 192, 5, 8, 8)  # (B, C, T, H, W)
+    plain = toy.frame_correlated_noise(shape, torch.Generator().manual_seed(3), 0.0)
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    for c in (0.25, 0.5, 0.8):
+        noise = toy.frame_correlated_noise(shape, torch.Generator().manual_seed(3), c)
+        assert noise.std().item() == pytest.approx(1.0, abs=0.01)
+        # correlation between two latent frames at the same cell and channel
+        a, b = noise[:, :, 0].flatten(), noise[:, :, 3].flatten()
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1].item() == pytest.approx(c, abs=0.02)
+        # different cells stay independent
+        assert abs(torch.corrcoef(torch.stack([a, noise[:, :, 3, 1].flatten().repeat(8)]))[0, 1].item()) < 0.05
+    for bad in (-0.1, 1.0, "0.5", True):
+        with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+            toy.frame_correlated_noise(shape, None, bad)
+
+
+def test_generation_uses_the_asset_noise_prior(tmp_path, monkeypatch):
+    import shutil
+
+    asset = tmp_path / "toy_wan"
+    shutil.copytree(toy.ASSET_DIR, asset)
+    (asset / toy.NOISE_PRIOR_FILE).unlink(missing_ok=True)
+    assert toy.load_frame_noise_correlation(asset) == 0.0  # models from before the prior: independent frames
+    (asset / toy.NOISE_PRIOR_FILE).write_text(json.dumps({"frame_noise_correlation": 0.75}))
+    pipe = toy.load_pipeline(path=asset)
+    assert pipe.toy_frame_noise_correlation == 0.75
+    seen = {}
+    original = pipe.__class__.__call__
+
+    def spy(self, *args, latents=None, **kwargs):
+        seen["latents"] = latents
+        return original(self, *args, latents=latents, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    toy.generate(pipe, ["a red circle moving right over a plain background"], seed=4, num_inference_steps=1)
+    expected = toy.frame_correlated_noise((192, 5, 8, 8), torch.Generator().manual_seed(4), 0.75)
+    assert torch.equal(seen["latents"][0], expected)
+    (asset / toy.NOISE_PRIOR_FILE).write_text(json.dumps({"frame_noise_correlation": 1.5}))
+    with pytest.raises(ValueError, match="frame_noise_correlation"):
+        toy.load_pipeline(path=asset)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -278,6 +325,34 @@ def test_measurements_read_the_generator_ground_truth():
         assert (m.colour, m.direction) == (spec.colour, spec.direction), spec.prompt
         speed = float(np.linalg.norm(v.velocities, axis=1).mean())
         assert abs(np.linalg.norm(m.velocity) - speed) < 0.25 * speed, spec.prompt
+
+
+def test_motion_consistency_reads_steady_tracks_and_catches_jumps_and_gaps():
+    """The generator's objects show in every frame and move on a straight line (jitter well
+    under a pixel); the same video with its frames shuffled jumps, and blanking frames
+    lowers the share of frames showing an object."""
+    for spec in evaluation_specs(4):
+        v = render_video(SEED_RANGES["evaluation"] + 23, spec=spec)
+        m = measure_video(v.frames)
+        assert m.present_fraction == 1.0 and m.track_jitter < 0.5, (spec.prompt, m.track_jitter)
+        shuffled = v.frames[np.random.default_rng(0).permutation(len(v.frames))]
+        assert measure_video(shuffled).track_jitter > 4 * max(m.track_jitter, 0.25), spec.prompt
+        blank = v.frames.copy()
+        blank[:5] = blank[:5].mean(axis=-1, keepdims=True)  # grey: no saturated pixel left
+        assert measure_video(blank).present_fraction == pytest.approx(1 - 5 / len(v.frames)), spec.prompt
+    assert measure_video(np.full((4, 32, 32, 3), 0.4)).track_jitter is None
+
+
+def test_direction_reversal_agreement_of_the_generator_and_of_noise_set_motion():
+    toy_checks = import_eval_script("toy_checks")
+    specs = evaluation_specs(4)
+    seeds = [SEED_RANGES["evaluation"] + 40 + i for i in range(4)]
+    forward = np.stack([render_video(s, spec=spec).frames for s, spec in zip(seeds, specs)])
+    backward = np.stack([render_video(s, spec=toy_checks.with_other_attribute(spec, "direction")).frames
+                         for s, spec in zip(seeds, specs)])
+    assert toy_checks.reversal_agreement(forward, backward) == {"reversed": 1.0, "median_cosine": pytest.approx(-1.0, abs=0.01)}
+    # Motion that ignores the word (the same videos twice) is never reversed.
+    assert toy_checks.reversal_agreement(forward, forward) == {"reversed": 0.0, "median_cosine": pytest.approx(1.0, abs=1e-9)}
 
 
 def test_object_count_is_exact_while_objects_stay_apart():
@@ -367,6 +442,11 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
     drift = result["pure_noise_drift"]
     assert set(drift) == {"left", "right", "up", "down"}
     assert all(0.3 < d["generator"] < 0.9 and np.isfinite(d["trained"]) for d in drift.values()), drift
+    # Motion consistency: the generator's objects show in every frame, move steadily, and
+    # reverse exactly when the direction word does (same seed).
+    assert result["real"]["mean_present_fraction"] == 1.0 and result["real"]["median_track_jitter"] < 0.5
+    assert result["real"]["direction_reversal"] == {"reversed": 1.0, "median_cosine": pytest.approx(-1.0, abs=0.01)}
+    assert "| direction word reversed, same noise: motion reverses (share) | - | 1.00 |" in text
     for png in ("samples.png", "attention_locality.png", "denoising.png"):
         assert (tmp_path / "toy" / png).stat().st_size > 1000
 

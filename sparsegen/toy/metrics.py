@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import BACKGROUND_MAX_SATURATION, CENTRE_BRIGHTENING, COLOURS, OUTLINE_DARKENING, DIRECTIONS, OBJECT_MIN_SATURATION, RADIUS_RANGE_PX, REFERENCE_SIZE_PX
+from .data import (
+    BACKGROUND_MAX_SATURATION, CENTRE_BRIGHTENING, COLOURS, DIRECTIONS, OBJECT_MIN_SATURATION, OUTLINE_DARKENING,
+    RADIUS_RANGE_PX, REFERENCE_SIZE_PX, TRIANGLE_CIRCUMRADIUS,
+)
 
 __all__ = ["psnr", "ssim", "VideoMeasurement", "measure_video", "foreground_mask", "background_features"]
 
@@ -91,7 +94,8 @@ MIN_VALUE = 0.1  # saturation is meaningless for near-black pixels
 # outline ring is darkened to 1 - OUTLINE_DARKENING = 0.55 of it, the interior keeps >= 0.85.
 INTERIOR_BRIGHTNESS = 0.5 * ((1 - OUTLINE_DARKENING) + (1 - CENTRE_BRIGHTENING))
 # Connected foreground regions smaller than a quarter of the smallest object's area are noise.
-_SMALLEST_OBJECT_AREA = (3 * math.sqrt(3) / 4) * (1.3 * RADIUS_RANGE_PX[0]) ** 2  # the smallest triangle
+_SMALLEST_OBJECT_AREA = (3 * math.sqrt(3) / 4) * (TRIANGLE_CIRCUMRADIUS * RADIUS_RANGE_PX[0]) ** 2  # the smallest triangle
+MIN_OBJECT_AREA_FRACTION = 0.25
 # The outline ring keeps its width in pixels (OUTLINE_WIDTH_PX) while objects shrink with the
 # frame, so at 32 x 32 the bright interior of a small triangle is 0-3 pixels: an interior
 # region is only used to split a foreground region between objects, and a single interior
@@ -176,6 +180,12 @@ class VideoMeasurement:
             when it holds several).
         foreground_fraction: mean share of foreground pixels per frame.
         background: (3,) :func:`background_features`.
+        present_fraction: share of frames showing an object (foreground of at least
+            MIN_OBJECT_AREA_FRACTION of the smallest object's area); the generator's
+            objects are visible in every frame.
+        track_jitter: RMS distance in pixels of the per-frame foreground centroid from its
+            fitted straight line, over the frames showing an object (0 for steady motion;
+            None if fewer than three frames show one).
     """
 
     colour: str | None
@@ -184,6 +194,8 @@ class VideoMeasurement:
     count: int
     foreground_fraction: float
     background: np.ndarray
+    present_fraction: float = 0.0
+    track_jitter: float | None = None
 
 
 def measure_video(frames: np.ndarray) -> VideoMeasurement:
@@ -212,6 +224,15 @@ def measure_video(frames: np.ndarray) -> VideoMeasurement:
         velocity = np.array([np.polyfit(t, cx, 1)[0], np.polyfit(t, cy, 1)[0]])
         direction = max(DIRECTIONS, key=lambda d: float(np.dot(velocity, DIRECTIONS[d])))
 
+    showing = [f for f in range(num_frames) if fg[f].sum() >= MIN_OBJECT_AREA_FRACTION * _min_object_area(height, width)]
+    track_jitter = None
+    if len(showing) >= 3:
+        t = np.array(showing, dtype=np.float64)
+        centroids = np.array([[xs[fg[f]].mean(), ys[fg[f]].mean()] for f in showing])
+        line = np.polynomial.polynomial.polyfit(t, centroids, 1)  # (2 coefficients, x/y)
+        residual = centroids - (line[0] + t[:, None] * line[1])
+        track_jitter = float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+
     # Each foreground region (4-connected, at least a quarter of the smallest object's area)
     # is one object, unless its bright interior falls apart into several regions: objects are
     # drawn with a darker outline ring (sparsegen.toy.data.OUTLINE_DARKENING), so touching or
@@ -220,7 +241,13 @@ def measure_video(frames: np.ndarray) -> VideoMeasurement:
     count = _count_objects(frames, fg)
 
     return VideoMeasurement(colour=colour, direction=direction, velocity=velocity, count=count,
-                            foreground_fraction=float(fg.mean()), background=background_features(frames, fg))
+                            foreground_fraction=float(fg.mean()), background=background_features(frames, fg),
+                            present_fraction=len(showing) / num_frames, track_jitter=track_jitter)
+
+
+def _min_object_area(height: int, width: int) -> float:
+    """Area in pixels of the smallest object the generator draws at this frame size."""
+    return _SMALLEST_OBJECT_AREA * (min(height, width) / REFERENCE_SIZE_PX) ** 2
 
 
 def _count_objects(frames: np.ndarray, fg: np.ndarray) -> int:
@@ -228,7 +255,7 @@ def _count_objects(frames: np.ndarray, fg: np.ndarray) -> int:
     label = _ndimage().label
 
     num_frames, height, width = fg.shape
-    min_area = 0.25 * _SMALLEST_OBJECT_AREA * (min(height, width) / REFERENCE_SIZE_PX) ** 2
+    min_area = MIN_OBJECT_AREA_FRACTION * _min_object_area(height, width)
     brightness = frames.max(-1)
     interior = fg & (brightness > INTERIOR_BRIGHTNESS * np.percentile(brightness[fg], 90)) if fg.any() else fg
     counts = []

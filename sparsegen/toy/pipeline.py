@@ -6,6 +6,7 @@ Shipped files (``sparsegen/assets/toy_wan``)::
     prompt_encoder/   ToyPromptEncoder config + safetensors
     vae/config.json   PixelShuffleVideoCodec config (scale factors, latent statistics)
     scheduler/        UniPCMultistepScheduler config (flow matching, shift FLOW_SHIFT)
+    noise_prior.json  share of the initial noise common to all latent frames (frame_correlated_noise)
     README.md         model card; loss_curve.png; training_summary.json
 
 Example::
@@ -135,6 +136,47 @@ def clean_latents(model_output: torch.Tensor, noisy: torch.Tensor, sigma, predic
     return noisy - s * model_output
 
 
+# Share of the initial noise's variance that all latent frames of a video have in common
+# (the rest is drawn per frame; each element stays standard normal). The shipped model
+# trained with independent frames (0). Written to the asset directory (NOISE_PRIOR_FILE)
+# with the model it was trained with, so generation draws the same kind of noise. A
+# shared part (0.5) was tried to make objects emerge at one place in every frame and
+# leave their motion to the prompt; it did not (evals/RESULTS.md).
+DEFAULT_FRAME_NOISE_CORRELATION = 0.0
+NOISE_PRIOR_FILE = "noise_prior.json"
+
+
+def check_frame_noise_correlation(correlation: float) -> None:
+    """Raise ValueError unless ``correlation`` is a share of variance in [0, 1)."""
+    if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not 0.0 <= correlation < 1.0:
+        raise ValueError(f"frame_noise_correlation={correlation!r} must be a number in [0, 1) "
+                         "(the share of noise variance the latent frames of a video have in common)")
+
+
+def frame_correlated_noise(shape, generator: torch.Generator | None = None, correlation: float = 0.0) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (..., C, T, H, W) whose T latent frames share
+    ``correlation`` of their variance: ``sqrt(c) * shared + sqrt(1 - c) * own``, where
+    ``shared`` (..., C, 1, H, W) is one draw for all frames. ``correlation=0`` is plain
+    ``torch.randn(shape)`` (same numbers for the same generator state)."""
+    check_frame_noise_correlation(correlation)
+    noise = torch.randn(tuple(shape), generator=generator)
+    if correlation > 0.0:
+        shared = torch.randn((*shape[:-3], 1, *shape[-2:]), generator=generator)
+        noise = correlation**0.5 * shared + (1.0 - correlation) ** 0.5 * noise
+    return noise
+
+
+def load_frame_noise_correlation(path=None) -> float:
+    """The noise prior a model in ``path`` was trained with (0 for models exported
+    before the prior existed, which trained on independent frames)."""
+    file = _asset_dir(path) / NOISE_PRIOR_FILE
+    if not file.is_file():
+        return 0.0
+    correlation = json.loads(file.read_text())["frame_noise_correlation"]
+    check_frame_noise_correlation(correlation)
+    return float(correlation)
+
+
 def new_transformer(seed: int = 0) -> WanTransformer3DModel:
     """Untrained transformer with the shipped architecture (diffusers' default init)."""
     with torch.random.fork_rng():
@@ -175,13 +217,16 @@ def load_codec(path=None) -> PixelShuffleVideoCodec:
     return PixelShuffleVideoCodec(**config).eval()
 
 
-def build_pipeline(transformer, codec, prompt_encoder=None, scheduler=None) -> WanPipeline:
+def build_pipeline(transformer, codec, prompt_encoder=None, scheduler=None, frame_noise_correlation: float = 0.0) -> WanPipeline:
     """Assemble a WanPipeline from parts (no text encoder: prompts go through
-    ``encode_prompt``). The prompt encoder rides along as ``pipe.toy_prompt_encoder``."""
+    ``encode_prompt``). The prompt encoder rides along as ``pipe.toy_prompt_encoder``, the
+    model's noise prior (see ``frame_correlated_noise``) as ``pipe.toy_frame_noise_correlation``."""
+    check_frame_noise_correlation(frame_noise_correlation)
     pipe = WanPipeline(
         tokenizer=None, text_encoder=None, vae=codec, scheduler=scheduler or make_scheduler(), transformer=transformer
     )
     pipe.toy_prompt_encoder = prompt_encoder
+    pipe.toy_frame_noise_correlation = float(frame_noise_correlation)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -202,7 +247,7 @@ def load_pipeline(device="cpu", dtype: torch.dtype = torch.float32, path=None) -
     transformer = load_transformer(path, device=device, dtype=dtype)
     codec = load_codec(path).to(device)
     scheduler = UniPCMultistepScheduler.from_pretrained(path / "scheduler", local_files_only=True)
-    return build_pipeline(transformer, codec, load_prompt_encoder(path), scheduler)
+    return build_pipeline(transformer, codec, load_prompt_encoder(path), scheduler, load_frame_noise_correlation(path))
 
 
 def encode_prompt(pipe_or_none, prompts: list[str]) -> torch.Tensor:
@@ -244,7 +289,8 @@ def generate(
     """Run ``pipe`` on toy prompts; returns frames (B, F, H, W, 3) float32 in [0, 1].
 
     The noise of prompt ``i`` comes from ``torch.Generator().manual_seed(seed + i)``, so
-    a prompt's video does not depend on the other prompts in the batch.
+    a prompt's video does not depend on the other prompts in the batch; it follows the
+    model's noise prior (``pipe.toy_frame_noise_correlation``, see ``frame_correlated_noise``).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of str; wrap a single prompt in a list")
@@ -259,7 +305,8 @@ def generate(
         height // pipe.vae_scale_factor_spatial,
         width // pipe.vae_scale_factor_spatial,
     )
-    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(pipe.transformer.device)
+    correlation = getattr(pipe, "toy_frame_noise_correlation", 0.0)
+    latents = torch.stack([frame_correlated_noise(shape, g, correlation) for g in generators]).to(pipe.transformer.device)
     out = pipe(
         prompt_embeds=embeds,
         negative_prompt_embeds=negative,

@@ -77,6 +77,9 @@ class TrainConfig:
     # "bf16": the training step's forward and backward run under CPU bfloat16 autocast
     # (about 1.2x faster per step on 2 cores); weights, optimizer, EMA and validation stay fp32.
     mixed_precision: str = "bf16"
+    # Share of the noise variance common to all latent frames of a video
+    # (toy_pipeline.frame_correlated_noise); generation draws the same noise.
+    frame_noise_correlation: float = toy_pipeline.DEFAULT_FRAME_NOISE_CORRELATION
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "validate_every", "log_every", "threads"):
@@ -91,6 +94,7 @@ class TrainConfig:
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
         training_precision(self.mixed_precision)  # raises on an unknown mode
+        toy_pipeline.check_frame_noise_correlation(self.frame_noise_correlation)
 
 
 def shifted_sigma(u: torch.Tensor, shift: float = toy_pipeline.FLOW_SHIFT) -> torch.Tensor:
@@ -158,7 +162,8 @@ class _Validation:
         self.videos, self.prompts, _ = render_batch(seeds, num_frames=config.num_frames, height=config.height, width=config.width)
         generator = torch.Generator().manual_seed(config.seed + 12345)
         latent_shape = codec.pack(self.videos[:1]).shape[1:]
-        self.noise = torch.randn((NUM_VALIDATION_VIDEOS, *latent_shape), generator=generator)
+        self.noise = toy_pipeline.frame_correlated_noise((NUM_VALIDATION_VIDEOS, *latent_shape), generator,
+                                                         config.frame_noise_correlation)
         levels = (torch.arange(NUM_VALIDATION_LEVELS) + 0.5) / NUM_VALIDATION_LEVELS
         self.sigma = shifted_sigma(levels.repeat(NUM_VALIDATION_VIDEOS // NUM_VALIDATION_LEVELS + 1)[:NUM_VALIDATION_VIDEOS])
 
@@ -206,7 +211,8 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
 
     state = torch.load(checkpoint_path, weights_only=False) if resume and checkpoint_path.is_file() else None
     if state is not None:
-        saved = TrainConfig(**state["config"])
+        # Checkpoints from before the noise prior existed trained on independent frames.
+        saved = TrainConfig(**{"frame_noise_correlation": 0.0, **state["config"]})
         # Thread count and checkpoint interval do not change what is trained.
         runtime_only = {"threads", "checkpoint_minutes"}
         if {k: v for k, v in dataclasses.asdict(saved).items() if k not in runtime_only} != {
@@ -260,7 +266,7 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
         videos, prompts, _ = render_batch(seeds, num_frames=config.num_frames, height=config.height, width=config.width)
         prompts = ["" if rng.random() < config.uncond_probability else p for p in prompts]
         sigma = shifted_sigma(torch.rand(config.batch_size, generator=generator))
-        noise = torch.randn(codec.pack(videos).shape, generator=generator)
+        noise = toy_pipeline.frame_correlated_noise(codec.pack(videos).shape, generator, config.frame_noise_correlation)
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
@@ -347,6 +353,9 @@ def export(out_dir, transformer, prompt_encoder, codec, history, summary):
     prompt_encoder.save_pretrained(out_dir / "prompt_encoder", safe_serialization=True)
     codec.save_config(out_dir / "vae")
     toy_pipeline.make_scheduler(summary["config"]["prediction_type"]).save_pretrained(out_dir / "scheduler")
+    # The noise generation must draw (toy_pipeline.load_frame_noise_correlation).
+    noise_prior = {"frame_noise_correlation": summary["config"].get("frame_noise_correlation", 0.0)}
+    (out_dir / toy_pipeline.NOISE_PRIOR_FILE).write_text(json.dumps(noise_prior, indent=2) + "\n")
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "loss_history.json").write_text(json.dumps(_downsample_history(history)) + "\n")
     plot_loss_curve(history, out_dir / "loss_curve.png", title=f"toy Wan, {summary['training_wall_minutes']} min on CPU")
@@ -390,6 +399,20 @@ def plot_loss_curve(history, path, *, title: str = "") -> None:
 def _predicts_clean_latents(config: dict) -> bool:
     # Summaries written before prediction_type existed are velocity models.
     return config.get("prediction_type", "flow_prediction") == "sample"
+
+
+def _noise_sentence(config: dict) -> str:
+    # Summaries written before the noise prior existed trained on independent frames.
+    correlation = config.get("frame_noise_correlation", 0.0)
+    if correlation == 0.0:
+        return "The noise is independent across latent frames."
+    return textwrap.fill(
+        f"The noise is correlated across latent frames: {correlation} of its variance is one draw "
+        f"shared by all latent frames of a video (`sqrt({correlation}) shared + sqrt({1 - correlation:g}) "
+        "per-frame`, unit variance per element), and generation draws its initial noise the "
+        "same way (`noise_prior.json`).",
+        width=88,
+    )
 
 
 def _prediction_words(config: dict) -> str:
@@ -458,6 +481,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     | `prompt_encoder/` | `ToyPromptEncoder` (word + position embeddings, one transformer encoder layer; {s['prompt_encoder_parameters']:,} parameters, {enc_mb:.2f} MB), trained jointly; stands in for UMT5 |
     | `vae/config.json` | `PixelShuffleVideoCodec`: a lossless direct latent space instead of a VAE (see below), with per-channel latent statistics |
     | `scheduler/` | `UniPCMultistepScheduler` (Wan's solver), flow sigmas with shift 3.0, reading the transformer output as {_prediction_words(c)} (`prediction_type="{c.get('prediction_type', 'flow_prediction')}"`) |
+    | `noise_prior.json` | share of the initial noise's variance common to all latent frames ({c.get('frame_noise_correlation', 0.0)}); `toy.generate` draws the noise this way |
     | `training_summary.json` | the training command, config, wall time, final losses, versions |
     | `loss_history.json`, `loss_curve.png` | training loss (mean of 10 steps) and validation loss of the EMA weights |
     
@@ -502,7 +526,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     (`evals/train_toy.py`; `--resume` continues from the checkpoint in
     `evals/out/toy_train`.) Rectified flow: `x_sigma = (1 - sigma) x0 + sigma noise`, target
     velocity `noise - x0`, `timestep = 1000 sigma`, sigma drawn uniformly then shifted with
-    the inference flow shift 3.0.
+    the inference flow shift 3.0. NOISE_SENTENCE
 
     PREDICTION_PARAGRAPH
 
@@ -535,10 +559,11 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     
     - Tiny and briefly trained: sampled from pure noise, its videos have the prompt's
       colour and, well above chance, its background texture, with rough, fragmented
-      coloured objects on it that move, but not in the prompt's direction more often than
-      chance, and not reliably in the prompt's number (see `evals/results/toy.md`). It is
-      an instrument for comparing attention methods against dense attention, not a video
-      generator.
+      coloured objects on it that move, but in a direction the initial noise sets, not
+      the prompt (reversing the direction word with the same noise leaves the motion
+      unchanged), along jittery tracks, and not reliably in the prompt's number (see
+      `evals/results/toy.md`). It is an instrument for comparing attention methods
+      against dense attention, not a video generator.
     - Trained only at 17 frames, 32 x 32. Longer videos (33, 65 frames) rely on the rotary
       embedding extrapolating in time; dense and sparse are compared there against each
       other, not against ground truth.
@@ -553,6 +578,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     """)
     text = text.replace("NOTE_LINE\n", f"  {note}\n" if note else "")
     text = text.replace("PREDICTION_PARAGRAPH", _prediction_paragraph(c))
+    text = text.replace("NOISE_SENTENCE", _noise_sentence(c))
     path = asset / "README.md"
     path.write_text(text)
     return path
