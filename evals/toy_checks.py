@@ -390,7 +390,7 @@ def plot_samples(rows: list[tuple[str, np.ndarray]], prompts: list[str], path: P
     plt.close(fig)
 
 
-def _maybe(value, spec: str) -> str:
+def _format_or_dash(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -436,7 +436,7 @@ def write_markdown(result: dict, path: Path) -> None:
         + " | ".join(f"{result[k]['mean_present_fraction']:.2f}" + (" | -" if k == "trained" else "")
                      for k in ("real", "trained", "untrained")) + " |",
         "| track jitter, px (median) | - | "
-        + " | ".join(_maybe(result[k]['median_track_jitter'], ".2f") + (" | -" if k == "trained" else "")
+        + " | ".join(_format_or_dash(result[k]['median_track_jitter'], ".2f") + (" | -" if k == "trained" else "")
                      for k in ("real", "trained", "untrained")) + " |",
         "| direction word reversed, same noise: motion reverses (share) | - | "
         + " | ".join(f"{result[k]['direction_reversal']['reversed']:.2f}" + (" | -" if k == "trained" else "")

@@ -283,6 +283,9 @@ def test_generation_uses_the_asset_noise_prior(tmp_path, monkeypatch):
     (asset / toy.NOISE_PRIOR_FILE).write_text(json.dumps({"frame_noise_correlation": 1.5}))
     with pytest.raises(ValueError, match="frame_noise_correlation"):
         toy.load_pipeline(path=asset)
+    (asset / toy.NOISE_PRIOR_FILE).write_text(json.dumps({"correlation": 0.5}))
+    with pytest.raises(ValueError, match="must be JSON like"):
+        toy.load_pipeline(path=asset)
 
 
 # ---------------------------------------------------------------------- metrics

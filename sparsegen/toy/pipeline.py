@@ -172,7 +172,11 @@ def load_frame_noise_correlation(path=None) -> float:
     file = _asset_dir(path) / NOISE_PRIOR_FILE
     if not file.is_file():
         return 0.0
-    correlation = json.loads(file.read_text())["frame_noise_correlation"]
+    try:
+        correlation = json.loads(file.read_text())["frame_noise_correlation"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{file} must be JSON like {{\"frame_noise_correlation\": 0.0}} (the noise prior the "
+                         "model was trained with); re-export the model or fix the file") from None
     check_frame_noise_correlation(correlation)
     return float(correlation)
 
