@@ -29,7 +29,8 @@
    prediction loses says how much the model uses that word (0 dB = it ignores the word).
    And from pure noise, where the best prediction is the mean video given the prompt,
    whether the prediction's red mass drifts along the prompt's direction as the
-   generator's mean video does.
+   generator's mean video does; and, given a noised object held at rest, whether the
+   prediction sets it moving the prompt's way.
 
 Writes ``<out>/toy_checks.json``, the markdown page ``evals/results/toy.md``
 (``--results``) and its figures ``attention_locality.png`` and ``samples.png`` in the
@@ -289,6 +290,35 @@ def pure_noise_drift(pipe, *, seed: int, num_videos: int) -> dict:
     return result
 
 
+HELD_OBJECT_SIGMAS = (0.5, 0.7, 0.9)
+
+
+def held_object_motion(pipe, *, seed: int, num_videos: int, sigmas=HELD_OBJECT_SIGMAS) -> dict:
+    """Does the model add the prompt's motion to an object that does not move?
+
+    For "a red circle moving <D> over a plain background", generator videos with their
+    middle frame held for the whole video (the object at rest) are noised to each sigma and
+    predicted in one call. The data never holds still, so the best prediction moves the
+    faint object along D; a model that only carries over the motion its input shows
+    predicts it at rest.
+
+    Returns:
+        {"sigma": {sigma: mean fitted velocity (px/frame) of the predictions along the
+        prompt's direction}, "generator": the generator videos' own mean speed along D}.
+    """
+    along, generator = {sg: [] for sg in sigmas}, []
+    for direction in DIRECTIONS:
+        spec = PromptSpec(1, "red", "circle", direction, "plain")
+        moving = [render_video(SEED_RANGES["evaluation"] + DRIFT_SEED_OFFSET + i, spec=spec, **VIDEO_SIZE).frames
+                  for i in range(num_videos)]
+        held = np.stack([np.repeat(v[len(v) // 2][None], len(v), axis=0) for v in moving])
+        generator += [float(measure_video(v).velocity @ np.array(DIRECTIONS[direction])) for v in moving]
+        _, predictions = denoising_check(pipe, held, [spec.prompt] * num_videos, seed=seed, sigmas=sigmas)
+        for sg in sigmas:
+            along[sg] += [float(measure_video(v).velocity @ np.array(DIRECTIONS[direction])) for v in predictions[sg]]
+    return {"sigma": {str(sg): float(np.mean(v)) for sg, v in along.items()}, "generator": float(np.mean(generator))}
+
+
 def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int = 8) -> None:
     """Frame ``frame`` of the first video: clean, then the trained model's prediction per noise level."""
     import matplotlib
@@ -502,6 +532,19 @@ def write_markdown(result: dict, path: Path) -> None:
     ]
     for direction, drift in result["pure_noise_drift"].items():
         lines.append(f"| {direction} | {drift['generator']:.2f} | {drift['trained']:.2f} |")
+    held = result["held_object_motion"]
+    lines += [
+        "",
+        "An object at rest: 'a red circle moving <direction> over a plain background' (each direction), generator "
+        "videos with their middle frame held for the whole video, noised and predicted in one call. The data never "
+        "holds still, so the best prediction moves the faint object along the prompt's direction; a model that only "
+        "carries over the motion its input shows predicts it at rest. Mean fitted velocity of the predictions along "
+        f"the prompt's direction, px per frame (the generator's own videos: {held['generator']:.2f}):",
+        "",
+        "| sigma | " + " | ".join(held["sigma"]) + " |",
+        "|---|" + "---|" * len(held["sigma"]),
+        "| trained model | " + " | ".join(f"{v:+.3f}" for v in held["sigma"].values()) + " |",
+    ]
     lines += [
         "",
         "## Attention locality",
@@ -602,6 +645,7 @@ def main(argv=None) -> int:
     result["prompt_reliance"] = prompt_reliance(pipes["trained"], real, specs, seed=args.seed,
                                                 reference=denoising["trained"])
     result["pure_noise_drift"] = pure_noise_drift(pipes["trained"], seed=args.seed, num_videos=8 if args.quick else 32)
+    result["held_object_motion"] = held_object_motion(pipes["trained"], seed=args.seed, num_videos=2 if args.quick else 8)
     result["locality"] = {name: {str(l): p.to_dict() for l, p in profiles[name].items()} for name in profiles}
     for name in profiles:
         result["locality"][f"{name}_mean_local_ratio"] = float(np.mean([p.local_ratio for p in profiles[name].values()]))
@@ -631,6 +675,9 @@ def main(argv=None) -> int:
         {a: {s: round(v, 2) for s, v in lost.items()} for a, lost in result["prompt_reliance"].items()}))
     print("drift from pure noise (px/frame along the direction):", json.dumps(
         {d: {k: round(v, 3) for k, v in drift.items()} for d, drift in result["pure_noise_drift"].items()}))
+    print("held object, velocity of the prediction along the prompt's direction (px/frame):",
+          json.dumps({k: round(v, 3) for k, v in result["held_object_motion"]["sigma"].items()}),
+          "generator", round(result["held_object_motion"]["generator"], 3))
     print(f"wrote {args.out} in {result['wall_seconds']:.0f} s")
     return 0
 

@@ -445,6 +445,11 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
     drift = result["pure_noise_drift"]
     assert set(drift) == {"left", "right", "up", "down"}
     assert all(0.3 < d["generator"] < 0.9 and np.isfinite(d["trained"]) for d in drift.values()), drift
+    # The held-object check compares against real motion the reader can see.
+    held = result["held_object_motion"]
+    assert set(held["sigma"]) == {"0.5", "0.7", "0.9"} and all(np.isfinite(v) for v in held["sigma"].values())
+    assert 0.3 < held["generator"] < 0.9, held
+    assert "An object at rest" in text
     # Motion consistency: the generator's objects show in every frame, move steadily, and
     # reverse exactly when the direction word does (same seed).
     assert result["real"]["mean_present_fraction"] == 1.0 and result["real"]["median_track_jitter"] < 0.5
