@@ -268,6 +268,14 @@ def drift_along(video: np.ndarray, direction: str) -> float:
     return float(slope @ np.array(DIRECTIONS[direction]))
 
 
+def red_circle_videos(direction: str, num_videos: int) -> tuple[PromptSpec, np.ndarray]:
+    """'a red circle moving <direction> over a plain background' and ``num_videos`` generator
+    videos (N, F, H, W, 3) of it, from seeds set apart for the motion checks."""
+    spec = PromptSpec(1, "red", "circle", direction, "plain")
+    return spec, np.stack([render_video(SEED_RANGES["evaluation"] + DRIFT_SEED_OFFSET + i, spec=spec, **VIDEO_SIZE).frames
+                           for i in range(num_videos)])
+
+
 def pure_noise_drift(pipe, *, seed: int, num_videos: int) -> dict:
     """Does the model's prediction from pure noise move with the prompt's direction?
 
@@ -281,9 +289,7 @@ def pure_noise_drift(pipe, *, seed: int, num_videos: int) -> dict:
     """
     result = {}
     for direction in DIRECTIONS:
-        spec = PromptSpec(1, "red", "circle", direction, "plain")
-        real = np.stack([render_video(SEED_RANGES["evaluation"] + DRIFT_SEED_OFFSET + i, spec=spec, **VIDEO_SIZE).frames
-                         for i in range(num_videos)])
+        spec, real = red_circle_videos(direction, num_videos)
         _, predictions = denoising_check(pipe, real, [spec.prompt] * num_videos, seed=seed, sigmas=(1.0,))
         result[direction] = {"generator": drift_along(real.mean(axis=0), direction),
                              "trained": drift_along(predictions[1.0].mean(axis=0), direction)}
@@ -308,9 +314,7 @@ def held_object_motion(pipe, *, seed: int, num_videos: int, sigmas=HELD_OBJECT_S
     """
     along, generator = {sg: [] for sg in sigmas}, []
     for direction in DIRECTIONS:
-        spec = PromptSpec(1, "red", "circle", direction, "plain")
-        moving = [render_video(SEED_RANGES["evaluation"] + DRIFT_SEED_OFFSET + i, spec=spec, **VIDEO_SIZE).frames
-                  for i in range(num_videos)]
+        spec, moving = red_circle_videos(direction, num_videos)
         held = np.stack([np.repeat(v[len(v) // 2][None], len(v), axis=0) for v in moving])
         generator += [float(measure_video(v).velocity @ np.array(DIRECTIONS[direction])) for v in moving]
         _, predictions = denoising_check(pipe, held, [spec.prompt] * num_videos, seed=seed, sigmas=sigmas)
@@ -339,24 +343,31 @@ def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int =
     plt.close(fig)
 
 
-def generate_all(pipe, prompts, *, seed, steps, guidance, batch, record_steps):
-    """Dense generations (N, F, H, W, 3), the locality profile per layer, and the token
-    grid as text ('frames x rows x columns')."""
+def generate_videos(pipe, prompts, *, seed, steps, guidance, batch, record_steps=()):
+    """Dense generations (N, F, H, W, 3), ``batch`` prompts at a time (prompt i from noise
+    seed + i), and the attention inputs recorded at ``record_steps`` of the first batch
+    (conditional pass only; none when ``record_steps`` is empty)."""
     videos, records = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        # Attention maps of the first batch only (conditional pass only).
-        recording = (record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1) if start == 0
-                     else contextlib.nullcontext())
+        recording = (record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1)
+                     if start == 0 and record_steps else contextlib.nullcontext([]))
         with recording as recs:
             videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps,
                                        guidance_scale=guidance, **VIDEO_SIZE))
-        if start == 0:
-            records = list(recs)
+        records += list(recs)
+    return np.concatenate(videos), records
+
+
+def generate_all(pipe, prompts, *, seed, steps, guidance, batch, record_steps):
+    """Dense generations (N, F, H, W, 3), the locality profile per layer, and the token
+    grid as text ('frames x rows x columns')."""
+    videos, records = generate_videos(pipe, prompts, seed=seed, steps=steps, guidance=guidance, batch=batch,
+                                      record_steps=record_steps)
     layers = sorted({r.layer for r in records})
     profiles = {layer: locality_profile([r for r in records if r.layer == layer]) for layer in layers}
     g = records[0].geometry
-    return np.concatenate(videos), profiles, f"{g.frames} x {g.height} x {g.width}"
+    return videos, profiles, f"{g.frames} x {g.height} x {g.width}"
 
 
 def plot_locality(profiles: dict, path: Path) -> None:
@@ -424,6 +435,13 @@ def _format_or_dash(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _per_source_row(result: dict, label: str, cell) -> str:
+    """A row of the prompt-following table without chance or hit count: ``cell`` formats
+    the generator's, the trained and the untrained model's scores."""
+    real, trained, untrained = (cell(result[k]) for k in ("real", "trained", "untrained"))
+    return f"| {label} | - | {real} | {trained} | - | {untrained} |"
+
+
 def write_markdown(result: dict, path: Path) -> None:
     acc = {k: result[k]["accuracy"] for k in ("real", "trained", "untrained")}
     lines = [
@@ -462,18 +480,12 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{trained['median_speed_ratio']:.2f} | - | {result['untrained']['median_speed_ratio']:.2f} |",
         f"| foreground share of pixels (mean) | - | {result['real']['mean_foreground_fraction']:.3f} | "
         f"{trained['mean_foreground_fraction']:.3f} | - | {result['untrained']['mean_foreground_fraction']:.3f} |",
-        "| frames showing an object (mean share) | - | "
-        + " | ".join(f"{result[k]['mean_present_fraction']:.2f}" + (" | -" if k == "trained" else "")
-                     for k in ("real", "trained", "untrained")) + " |",
-        "| track jitter, px (median) | - | "
-        + " | ".join(_format_or_dash(result[k]['median_track_jitter'], ".2f") + (" | -" if k == "trained" else "")
-                     for k in ("real", "trained", "untrained")) + " |",
-        "| direction word reversed, same noise: motion reverses (share) | - | "
-        + " | ".join(f"{result[k]['direction_reversal']['reversed']:.2f}" + (" | -" if k == "trained" else "")
-                     for k in ("real", "trained", "untrained")) + " |",
-        "| same: median cosine between the two motions | - | "
-        + " | ".join(f"{result[k]['direction_reversal']['median_cosine']:+.2f}" + (" | -" if k == "trained" else "")
-                     for k in ("real", "trained", "untrained")) + " |",
+        _per_source_row(result, "frames showing an object (mean share)", lambda r: f"{r['mean_present_fraction']:.2f}"),
+        _per_source_row(result, "track jitter, px (median)", lambda r: _format_or_dash(r["median_track_jitter"], ".2f")),
+        _per_source_row(result, "direction word reversed, same noise: motion reverses (share)",
+                        lambda r: f"{r['direction_reversal']['reversed']:.2f}"),
+        _per_source_row(result, "same: median cosine between the two motions",
+                        lambda r: f"{r['direction_reversal']['median_cosine']:+.2f}"),
         "",
         "How each check reads a video: foreground = pixels whose HSV saturation is above the midpoint between the most "
         "saturated background and the least saturated object colour the generator can make; colour = the named colour "
@@ -618,10 +630,8 @@ def main(argv=None) -> int:
     reversed_videos = {"real": np.stack([render_video(SEED_RANGES["evaluation"] + i, spec=s, **VIDEO_SIZE).frames
                                          for i, s in enumerate(reversed_specs)])}
     for name, pipe in pipes.items():
-        reversed_videos[name] = np.concatenate([
-            toy.generate(pipe, [s.prompt for s in reversed_specs[start:start + args.batch]], seed=args.seed + start,
-                         num_inference_steps=steps, guidance_scale=guidance, **VIDEO_SIZE)
-            for start in range(0, n, args.batch)])
+        reversed_videos[name], _ = generate_videos(pipe, [s.prompt for s in reversed_specs], seed=args.seed, steps=steps,
+                                                   guidance=guidance, batch=args.batch)
     print(f"generated the direction-reversed prompts ({time.monotonic() - tic:.0f} s)", flush=True)
 
     result = {

@@ -353,8 +353,8 @@ def export(out_dir, transformer, prompt_encoder, codec, history, summary):
     prompt_encoder.save_pretrained(out_dir / "prompt_encoder", safe_serialization=True)
     codec.save_config(out_dir / "vae")
     toy_pipeline.make_scheduler(summary["config"]["prediction_type"]).save_pretrained(out_dir / "scheduler")
-    # The noise generation must draw (toy_pipeline.load_frame_noise_correlation).
-    noise_prior = {"frame_noise_correlation": summary["config"].get("frame_noise_correlation", 0.0)}
+    # The noise generation must draw, read back by toy_pipeline.load_frame_noise_correlation.
+    noise_prior = {"frame_noise_correlation": summary["config"]["frame_noise_correlation"]}
     (out_dir / toy_pipeline.NOISE_PRIOR_FILE).write_text(json.dumps(noise_prior, indent=2) + "\n")
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "loss_history.json").write_text(json.dumps(_downsample_history(history)) + "\n")
