@@ -29,8 +29,9 @@
    prediction loses says how much the model uses that word (0 dB = it ignores the word).
    And from pure noise, where the best prediction is the mean video given the prompt,
    whether the prediction's red mass drifts along the prompt's direction as the
-   generator's mean video does; and, given a noised object held at rest, whether the
-   prediction sets it moving the prompt's way.
+   generator's mean video does; given a noised object held at rest, whether the
+   prediction sets it moving the prompt's way; and given only the first frame (the later
+   ones pure noise, one timestep per token), whether it continues it the prompt's way.
 
 Writes ``<out>/toy_checks.json``, the markdown page ``evals/results/toy.md``
 (``--results``) and its figures ``attention_locality.png`` and ``samples.png`` in the
@@ -179,22 +180,42 @@ def denoising_check(pipe, real: np.ndarray, prompts, *, seed: int, sigmas=DENOIS
     Returns:
         ({sigma: mean PSNR in dB of the prediction against ``real``}, {sigma: (N, F, H, W, 3) predictions}).
     """
+    scores, predictions = {}, {}
+    for sigma in sigmas:
+        pred = one_call_prediction(pipe, real, prompts, seed=seed, sigma=sigma)
+        predictions[sigma] = pred
+        scores[sigma] = float(np.mean([psnr(p, r) for p, r in zip(pred, real)]))
+    return scores, predictions
+
+
+@torch.no_grad()
+def one_call_prediction(pipe, real: np.ndarray, prompts, *, seed: int, sigma) -> np.ndarray:
+    """Noise ``real`` as in training and predict the clean video in one conditional call.
+
+    Args:
+        real: (N, F, H, W, 3) generator videos in [0, 1]; prompts: their N prompts.
+        sigma: one noise level, or a sequence of one level per latent frame (the
+            transformer then gets one timestep per token).
+    Returns:
+        (N, F, H, W, 3) predicted videos in [0, 1].
+    """
     codec, transformer = pipe.vae, pipe.transformer
     video = torch.from_numpy(real).permute(0, 4, 1, 2, 3).float() * 2.0 - 1.0  # (N, 3, F, H, W) in [-1, 1]
     x0 = codec.video_to_latents(video)
     # The noise the model was trained with (its frame correlation, if any).
     noise = toy.frame_correlated_noise(x0.shape, torch.Generator().manual_seed(seed), pipe.toy_frame_noise_correlation)
     embeds = toy.encode_prompt(pipe, list(prompts))
-    scores, predictions = {}, {}
-    for sigma in sigmas:
-        noisy = (1.0 - sigma) * x0 + sigma * noise
-        output = transformer(noisy, torch.full((len(prompts),), 1000.0 * sigma), embeds, return_dict=False)[0]
-        x0_pred = toy.clean_latents(output, noisy, sigma, pipe.scheduler.config.prediction_type)
-        pred = codec.unpack(codec.denormalize(x0_pred)).clamp(-1, 1)
-        pred = ((pred + 1.0) / 2.0).permute(0, 2, 3, 4, 1).numpy()
-        predictions[sigma] = pred
-        scores[sigma] = float(np.mean([psnr(p, r) for p, r in zip(pred, real)]))
-    return scores, predictions
+    if np.ndim(sigma) == 0:
+        levels = torch.full((len(prompts),), float(sigma))
+        s, timestep = levels.view(-1, 1, 1, 1, 1), 1000.0 * levels
+    else:
+        levels = torch.tensor(sigma, dtype=torch.float32).expand(len(prompts), -1)
+        s, timestep = levels[:, None, :, None, None], toy.token_timesteps(levels, tuple(x0.shape[2:]))
+    noisy = (1.0 - s) * x0 + s * noise
+    output = transformer(noisy, timestep, embeds, return_dict=False)[0]
+    x0_pred = toy.clean_latents(output, noisy, levels, pipe.scheduler.config.prediction_type)
+    pred = codec.unpack(codec.denormalize(x0_pred)).clamp(-1, 1)
+    return ((pred + 1.0) / 2.0).permute(0, 2, 3, 4, 1).numpy()
 
 
 # Noise levels where the model has to bring what the prompt says: the video is faint but not gone.
@@ -323,6 +344,39 @@ def held_object_motion(pipe, *, seed: int, num_videos: int, sigmas=HELD_OBJECT_S
     return {"sigma": {str(sg): float(np.mean(v)) for sg, v in along.items()}, "generator": float(np.mean(generator))}
 
 
+# Latent frame 0 (the video's first frame) shown at a low noise level, the other latent frames pure noise.
+FIRST_FRAME_SIGMA = 0.1
+
+
+def first_frame_continuation(pipe, *, seed: int, num_videos: int, first_sigma: float = FIRST_FRAME_SIGMA) -> dict:
+    """Does the model continue a shown first frame in the prompt's direction?
+
+    For "a red circle moving <D> over a plain background", generator videos whose first
+    latent frame is noised to ``first_sigma`` and whose later latent frames are pure noise
+    (one timestep per token) are predicted in one call. Where the object goes next can only
+    come from the prompt, so the best prediction's red mass drifts along D (less than the
+    data's own speed, since later frames are predicted as a blurred mean). A model trained
+    with one noise level per video never saw such input.
+
+    Returns:
+        {"trained": mean drift of the predictions (px/frame) along D, "generator": the
+        generator videos' own, "reversed": the same predictions' drift along D when the
+        prompt names the opposite direction}.
+    """
+    latent_frames = (VIDEO_SIZE["num_frames"] - 1) // toy.TEMPORAL_FACTOR + 1
+    levels = [first_sigma] + [1.0] * (latent_frames - 1)
+    trained, generator, reversed_ = [], [], []
+    for direction in DIRECTIONS:
+        spec, real = red_circle_videos(direction, num_videos)
+        generator += [drift_along(v, direction) for v in real]
+        for prompt, out in ((spec.prompt, trained),
+                            (dataclasses.replace(spec, direction=OPPOSITE_DIRECTION[direction]).prompt, reversed_)):
+            predictions = one_call_prediction(pipe, real, [prompt] * num_videos, seed=seed, sigma=levels)
+            out += [drift_along(v, direction) for v in predictions]
+    return {"first_sigma": first_sigma, "trained": float(np.mean(trained)), "generator": float(np.mean(generator)),
+            "reversed": float(np.mean(reversed_))}
+
+
 def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int = 8) -> None:
     """Frame ``frame`` of the first video: clean, then the trained model's prediction per noise level."""
     import matplotlib
@@ -343,27 +397,37 @@ def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int =
     plt.close(fig)
 
 
-def generate_videos(pipe, prompts, *, seed, steps, guidance, batch, record_steps=()):
+# How videos are sampled (--sampler): all frames together as WanPipeline does, or first a
+# video and then its later frames again as a continuation of its first one.
+SAMPLERS = {"joint": toy.generate, "first-frame": toy.generate_from_first_frame}
+
+
+SAMPLER_WORDS = {"joint": "all frames sampled together",
+                 "first-frame": "sampled in two stages (a video, then its later frames again continuing its first)"}
+
+
+def generate_videos(pipe, prompts, *, seed, steps, guidance, batch, record_steps=(), sampler="joint"):
     """Dense generations (N, F, H, W, 3), ``batch`` prompts at a time (prompt i from noise
-    seed + i), and the attention inputs recorded at ``record_steps`` of the first batch
-    (conditional pass only; none when ``record_steps`` is empty)."""
+    seed + i) with one of SAMPLERS, and the attention inputs recorded at ``record_steps``
+    of the first batch (conditional pass of the pipeline's own loop only; none when
+    ``record_steps`` is empty)."""
     videos, records = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         recording = (record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1)
                      if start == 0 and record_steps else contextlib.nullcontext([]))
         with recording as recs:
-            videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps,
-                                       guidance_scale=guidance, **VIDEO_SIZE))
+            videos.append(SAMPLERS[sampler](pipe, chunk, seed=seed + start, num_inference_steps=steps,
+                                            guidance_scale=guidance, **VIDEO_SIZE))
         records += list(recs)
     return np.concatenate(videos), records
 
 
-def generate_all(pipe, prompts, *, seed, steps, guidance, batch, record_steps):
+def generate_all(pipe, prompts, *, seed, steps, guidance, batch, record_steps, sampler="joint"):
     """Dense generations (N, F, H, W, 3), the locality profile per layer, and the token
     grid as text ('frames x rows x columns')."""
     videos, records = generate_videos(pipe, prompts, seed=seed, steps=steps, guidance=guidance, batch=batch,
-                                      record_steps=record_steps)
+                                      record_steps=record_steps, sampler=sampler)
     layers = sorted({r.layer for r in records})
     profiles = {layer: locality_profile([r for r in records if r.layer == layer]) for layer in layers}
     g = records[0].geometry
@@ -454,7 +518,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "```",
         "",
         f"Model: `{result['model_path']}`. {result['num_prompts']} fixed prompts (`sparsegen.toy.data.evaluation_specs`), "
-        f"{result['steps']} denoising steps, guidance {result['guidance_scale']}, seed {result['seed']} + prompt index, "
+        f"{result['steps']} denoising steps, guidance {result['guidance_scale']}, "
+        f"{SAMPLER_WORDS[result.get('sampler', 'joint')]}, seed {result['seed']} + prompt index, "
         f"{result['video_size']['num_frames']} frames at {result['video_size']['height']} x "
         f"{result['video_size']['width']} ({result['geometry']} latent tokens, frames x rows x columns). "
         f"Wall time {result['wall_seconds']:.0f} s (torch threads: {result['threads']}; the machine may be shared).",
@@ -557,6 +622,18 @@ def write_markdown(result: dict, path: Path) -> None:
         "|---|" + "---|" * len(held["sigma"]),
         "| trained model | " + " | ".join(f"{v:+.3f}" for v in held["sigma"].values()) + " |",
     ]
+    cont = result["first_frame_continuation"]
+    lines += [
+        "",
+        "A first frame to continue: the same prompts and generator videos (not held), the first latent frame noised "
+        f"to sigma {cont['first_sigma']} and the later ones pure noise (one timestep per token), predicted in one "
+        "call. Where the object goes next can only come from the prompt. Drift of the red mass along the prompt's "
+        "direction, px per frame (a model trained with one noise level per video never saw such input):",
+        "",
+        "| generator's videos | trained model | trained model, prompt naming the opposite direction |",
+        "|---|---|---|",
+        f"| {cont['generator']:+.3f} | {cont['trained']:+.3f} | {cont['reversed']:+.3f} |",
+    ]
     lines += [
         "",
         "## Attention locality",
@@ -598,6 +675,9 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the model's, toy.DEFAULT_GUIDANCE_SCALE)")
     parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="joint",
+                        help="joint: all frames together (WanPipeline); first-frame: then the later frames again as a "
+                             "continuation of the first (toy.generate_from_first_frame)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "out" / "toy_checks")
     parser.add_argument("--results", type=Path, default=REPO / "evals" / "results" / "toy.md",
@@ -622,7 +702,8 @@ def main(argv=None) -> int:
     videos, profiles = {}, {}
     for name, pipe in pipes.items():
         videos[name], profiles[name], geometry = generate_all(
-            pipe, prompts, seed=args.seed, steps=steps, guidance=guidance, batch=args.batch, record_steps=record_steps)
+            pipe, prompts, seed=args.seed, steps=steps, guidance=guidance, batch=args.batch, record_steps=record_steps,
+            sampler=args.sampler)
         print(f"generated {n} videos with the {name} model ({time.monotonic() - tic:.0f} s)", flush=True)
     real = np.stack([t.frames for t in truths])
     # The same prompts with the objects' direction reversed, from the same noise (generator: the same seed).
@@ -631,13 +712,13 @@ def main(argv=None) -> int:
                                          for i, s in enumerate(reversed_specs)])}
     for name, pipe in pipes.items():
         reversed_videos[name], _ = generate_videos(pipe, [s.prompt for s in reversed_specs], seed=args.seed, steps=steps,
-                                                   guidance=guidance, batch=args.batch)
+                                                   guidance=guidance, batch=args.batch, sampler=args.sampler)
     print(f"generated the direction-reversed prompts ({time.monotonic() - tic:.0f} s)", flush=True)
 
     result = {
         "command": "python evals/toy_checks.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "model_path": str(args.model_path or toy.ASSET_DIR.relative_to(REPO)),
-        "num_prompts": n, "steps": steps, "seed": args.seed, "guidance_scale": guidance,
+        "num_prompts": n, "steps": steps, "seed": args.seed, "guidance_scale": guidance, "sampler": args.sampler,
         "record_steps": record_steps, "recorded_prompts": min(args.batch, n), "video_size": VIDEO_SIZE,
         "threads": args.threads, "geometry": geometry,
         "background_classifier": {"videos": 16 if args.quick else 64, "training_accuracy": classifier.training_accuracy},
@@ -656,6 +737,8 @@ def main(argv=None) -> int:
                                                 reference=denoising["trained"])
     result["pure_noise_drift"] = pure_noise_drift(pipes["trained"], seed=args.seed, num_videos=8 if args.quick else 32)
     result["held_object_motion"] = held_object_motion(pipes["trained"], seed=args.seed, num_videos=2 if args.quick else 8)
+    result["first_frame_continuation"] = first_frame_continuation(pipes["trained"], seed=args.seed,
+                                                                  num_videos=2 if args.quick else 8)
     result["locality"] = {name: {str(l): p.to_dict() for l, p in profiles[name].items()} for name in profiles}
     for name in profiles:
         result["locality"][f"{name}_mean_local_ratio"] = float(np.mean([p.local_ratio for p in profiles[name].values()]))
@@ -688,6 +771,8 @@ def main(argv=None) -> int:
     print("held object, velocity of the prediction along the prompt's direction (px/frame):",
           json.dumps({k: round(v, 3) for k, v in result["held_object_motion"]["sigma"].items()}),
           "generator", round(result["held_object_motion"]["generator"], 3))
+    print("first frame shown, the rest pure noise: drift of the prediction along the prompt's direction (px/frame):",
+          json.dumps({k: round(v, 3) for k, v in result["first_frame_continuation"].items()}))
     print(f"wrote {args.out} in {result['wall_seconds']:.0f} s")
     return 0
 

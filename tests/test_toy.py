@@ -73,6 +73,21 @@ def test_generate_shape_range_and_seed_determinism(pipe):
     assert np.abs(other[0] - a[0]).mean() > 1e-3
 
 
+def test_two_stage_sampling_keeps_the_first_frame_and_resamples_the_rest(pipe):
+    """generate_from_first_frame: frame 0 is the joint sample's first frame, the later
+    frames are sampled again conditioned on it (so they differ), every frame in range."""
+    prompts = [PROMPT, "a red circle moving right over a striped background"]
+    joint = toy.generate(pipe, prompts, seed=3, num_inference_steps=3)
+    staged = toy.generate_from_first_frame(pipe, prompts, seed=3, num_inference_steps=3)
+    assert staged.shape == joint.shape and staged.dtype == np.float32
+    assert staged.min() >= 0.0 and staged.max() <= 1.0
+    np.testing.assert_allclose(staged[:, 0], joint[:, 0], atol=1e-4)
+    assert np.abs(staged[:, 1:] - joint[:, 1:]).mean() > 1e-3
+    np.testing.assert_array_equal(staged, toy.generate_from_first_frame(pipe, prompts, seed=3, num_inference_steps=3))
+    with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+        toy.generate_from_first_frame(pipe, PROMPT)
+
+
 def test_generate_rejects_a_bare_string_and_unknown_words(pipe):
     with pytest.raises(TypeError, match="wrap a single prompt in a list"):
         toy.generate(pipe, PROMPT)
@@ -229,7 +244,8 @@ def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):
     from sparsegen.toy import train as toy_train
 
     config = toy_train.TrainConfig(steps=2, batch_size=2, warmup_steps=1, validate_every=2, log_every=1, threads=2,
-                                   frame_noise_correlation=0.5)
+                                   frame_noise_correlation=0.5, per_frame_sigma_probability=0.5,
+                                   first_frame_probability=0.5)
     summary = toy_train.train(config, tmp_path / "asset", tmp_path / "run", command="test")
     assert summary["steps_done"] == 2 and math.isfinite(summary["final_validation_loss_ema"])
     loaded = toy.load_pipeline(path=tmp_path / "asset")
@@ -239,7 +255,67 @@ def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):
     assert (tmp_path / "asset" / "README.md").is_file()
     # Generation draws the noise prior the run trained with.
     assert loaded.toy_frame_noise_correlation == 0.5
-    assert f"{config.frame_noise_correlation} of its variance" in (tmp_path / "asset" / "README.md").read_text()
+    card = (tmp_path / "asset" / "README.md").read_text()
+    assert f"{config.frame_noise_correlation} of its variance" in card
+    assert "With probability 0.5 a training video's latent frames each get their own" in " ".join(card.split())
+    assert "first latent frame is shown nearly clean" in " ".join(card.split())
+
+
+def test_per_frame_noise_levels_reach_each_latent_frame_in_token_order():
+    """Per-frame noise levels are drawn per video with the stated probability, reach the
+    transformer in its frame-major token order (a frame's level changes that frame's
+    output), and with all frames equal give exactly the one-level loss."""
+    from sparsegen.toy import train as toy_train
+
+    sigma = torch.linspace(0.1, 0.9, 400)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(toy_train.per_frame_sigmas(sigma, 5, 0.0, gen), sigma[:, None].expand(-1, 5))
+    own = toy_train.per_frame_sigmas(sigma, 5, 1.0, gen)
+    assert (own.std(dim=1) > 0).all() and ((own > 0) & (own < 1)).all()
+    varied = (toy_train.per_frame_sigmas(sigma, 5, 0.5, gen).std(dim=1) > 0).float().mean().item()
+    assert 0.4 < varied < 0.6
+    with pytest.raises(ValueError, match="per_frame_sigma_probability=1.5"):
+        toy_train.TrainConfig(per_frame_sigma_probability=1.5)
+    # First-frame conditioning: chosen videos get a nearly clean frame 0, the rest untouched.
+    shown = toy_train.first_frame_sigmas(own, 0.5, gen)
+    assert torch.equal(shown[:, 1:], own[:, 1:])
+    changed = shown[:, 0] != own[:, 0]
+    assert 0.4 < changed.float().mean().item() < 0.6
+    assert (shown[changed, 0] <= toy_train.FIRST_FRAME_MAX_SIGMA).all()
+    assert torch.equal(toy_train.first_frame_sigmas(own, 0.0, gen), own)
+    with pytest.raises(ValueError, match="first_frame_probability=-0.1"):
+        toy_train.TrainConfig(first_frame_probability=-0.1)
+
+    levels = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    timesteps = toy.token_timesteps(levels, (5, 8, 8))
+    assert timesteps.shape == (1, 320)
+    torch.testing.assert_close(timesteps.view(1, 5, 8, 8), (1000 * levels).view(1, 5, 1, 1).expand(1, 5, 8, 8))
+    with pytest.raises(ValueError, match=r"must be \(batch, 5\)"):
+        toy.token_timesteps(levels[:, :4], (5, 8, 8))
+
+    # Without its blocks the transformer maps each token on its own, so changing latent
+    # frame 2's level may change frame 2's output and nothing else.
+    transformer = toy.new_transformer(0).eval()
+    transformer.blocks = torch.nn.ModuleList()
+    hidden = torch.randn(1, 192, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(1, 16, toy.TEXT_DIM)
+    moved = levels.clone()
+    moved[0, 2] = 0.9
+    with torch.no_grad():
+        before, after = (transformer(hidden, toy.token_timesteps(x, (5, 8, 8)), embeds, return_dict=False)[0]
+                         for x in (levels, moved))
+    changed = (after - before).abs().amax(dim=(0, 1, 3, 4))
+    assert changed[2] > 1e-3 and torch.all(changed[[0, 1, 3, 4]] == 0)
+
+    transformer, encoder = toy.new_transformer(0), toy.new_prompt_encoder(0)
+    codec = PixelShuffleVideoCodec(scale_factor_spatial=toy.SPATIAL_FACTOR, scale_factor_temporal=toy.TEMPORAL_FACTOR)
+    videos, prompts, _ = render_batch(range(2))
+    noise = torch.randn(codec.pack(videos).shape, generator=torch.Generator().manual_seed(0))
+    one_level = torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        losses = [toy_train.flow_matching_loss(transformer, encoder, codec, videos, prompts, s, noise, "sample").item()
+                  for s in (one_level, one_level[:, None].expand(-1, 5))]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_frame_correlated_noise_shares_the_stated_variance_across_latent_frames():
@@ -450,6 +526,9 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
     assert set(held["sigma"]) == {"0.5", "0.7", "0.9"} and all(np.isfinite(v) for v in held["sigma"].values())
     assert 0.3 < held["generator"] < 0.9, held
     assert "An object at rest" in text
+    cont = result["first_frame_continuation"]
+    assert 0.3 < cont["generator"] < 0.9 and np.isfinite(cont["trained"]) and np.isfinite(cont["reversed"]), cont
+    assert "A first frame to continue" in text
     # Motion consistency: the generator's objects show in every frame, move steadily, and
     # reverse exactly when the direction word does (same seed).
     assert result["real"]["mean_present_fraction"] == 1.0 and result["real"]["median_track_jitter"] < 0.5

@@ -14,7 +14,7 @@ recording and locality).
 import importlib
 
 # Imported on first use, so `sparsegen.toy.data` does not pull in diffusers.
-_FROM_PIPELINE = ("load_pipeline", "generate", "encode_prompt", "build_pipeline", "ASSET_DIR")
+_FROM_PIPELINE = ("load_pipeline", "generate", "generate_from_first_frame", "encode_prompt", "build_pipeline", "ASSET_DIR")
 
 
 def __getattr__(name):

@@ -126,14 +126,30 @@ def clean_latents(model_output: torch.Tensor, noisy: torch.Tensor, sigma, predic
 
     Args:
         model_output, noisy: (B, C, T, H, W); ``noisy = (1 - sigma) x0 + sigma noise``.
-        sigma: float or (B,) noise levels.
+        sigma: float, (B,) noise levels, or (B, T) levels per latent frame.
         prediction_type: what ``model_output`` is (PREDICTION_TYPES).
     """
     check_prediction_type(prediction_type)
     if prediction_type == "sample":
         return model_output
-    s = torch.as_tensor(sigma, dtype=noisy.dtype, device=noisy.device).reshape(-1, *([1] * (noisy.ndim - 1)))
+    s = torch.as_tensor(sigma, dtype=noisy.dtype, device=noisy.device)
+    s = s[:, None, :, None, None] if s.ndim == 2 else s.reshape(-1, 1, 1, 1, 1)
     return noisy - s * model_output
+
+
+def token_timesteps(sigma: torch.Tensor, latent_grid: tuple[int, int, int]) -> torch.Tensor:
+    """The transformer's timestep input for per-frame levels.
+
+    Args:
+        sigma: (B, T) levels per latent frame; latent_grid: (T, H, W) tokens (patch size 1).
+    Returns:
+        (B, T * H * W) timesteps ``1000 * sigma`` in the transformer's token order
+        (frame-major: token ``t * H * W + h * W + w``).
+    """
+    frames, height, width = latent_grid
+    if sigma.ndim != 2 or sigma.shape[1] != frames:
+        raise ValueError(f"sigma of shape {tuple(sigma.shape)} must be (batch, {frames}) for {frames} latent frames")
+    return (sigma * 1000.0).repeat_interleave(height * width, dim=1)
 
 
 # Share of the initial noise's variance that all latent frames of a video have in common
@@ -296,21 +312,7 @@ def generate(
     a prompt's video does not depend on the other prompts in the batch; it follows the
     model's noise prior (``pipe.toy_frame_noise_correlation``, see ``frame_correlated_noise``).
     """
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of str; wrap a single prompt in a list")
-    embeds = encode_prompt(pipe, prompts)
-    negative = encode_prompt(pipe, [""] * len(prompts)) if guidance_scale > 1.0 else None
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
-    # Draw the initial noise on CPU so a seed gives the same video on every device.
-    latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-    shape = (
-        pipe.transformer.config.in_channels,
-        latent_frames,
-        height // pipe.vae_scale_factor_spatial,
-        width // pipe.vae_scale_factor_spatial,
-    )
-    correlation = getattr(pipe, "toy_frame_noise_correlation", 0.0)
-    latents = torch.stack([frame_correlated_noise(shape, g, correlation) for g in generators]).to(pipe.transformer.device)
+    embeds, negative = _guided_prompt_embeds(pipe, prompts, guidance_scale)
     out = pipe(
         prompt_embeds=embeds,
         negative_prompt_embeds=negative,
@@ -319,9 +321,82 @@ def generate(
         width=width,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
-        latents=latents,
+        latents=initial_noise(pipe, len(prompts), seed=seed, num_frames=num_frames, height=height, width=width),
         output_type="np",
         **pipe_kwargs,
     )
     return np.asarray(out.frames, dtype=np.float32)
+
+
+def _guided_prompt_embeds(pipe: WanPipeline, prompts: list[str], guidance_scale: float):
+    """(prompt_embeds, negative_prompt_embeds or None without guidance) for a list of prompts."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of str; wrap a single prompt in a list")
+    negative = encode_prompt(pipe, [""] * len(prompts)) if guidance_scale > 1.0 else None
+    return encode_prompt(pipe, prompts), negative
+
+
+def initial_noise(pipe: WanPipeline, count: int, *, seed: int, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """Initial latents (count, C, T, H/s, W/s) on the transformer's device; video ``i`` from
+    ``torch.Generator().manual_seed(seed + i)`` following the model's noise prior."""
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+    # Drawn on CPU so a seed gives the same video on every device.
+    shape = (
+        pipe.transformer.config.in_channels,
+        (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
+        height // pipe.vae_scale_factor_spatial,
+        width // pipe.vae_scale_factor_spatial,
+    )
+    correlation = getattr(pipe, "toy_frame_noise_correlation", 0.0)
+    return torch.stack([frame_correlated_noise(shape, g, correlation) for g in generators]).to(pipe.transformer.device)
+
+
+@torch.no_grad()
+def generate_from_first_frame(
+    pipe: WanPipeline,
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    height: int = DEFAULT_HEIGHT,
+    width: int = DEFAULT_WIDTH,
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+) -> np.ndarray:
+    """Two-stage sampling: a video as ``generate`` makes it, then its later latent frames
+    sampled again as a continuation of its first one.
+
+    The second stage is image-to-video sampling as in Wan 2.2 TI2V: latent frame 0 is held
+    at the first stage's clean result with timestep 0 for its tokens, the other frames
+    start from the same initial noise and are denoised with the scheduler, one timestep
+    per token. Meant for models trained with ``first_frame_probability`` > 0 (the model
+    card says so); others never saw a clean frame next to noisy ones.
+
+    Returns:
+        frames (B, F, H, W, 3) float32 in [0, 1], like ``generate``.
+    """
+    size = dict(num_frames=num_frames, height=height, width=width)
+    embeds, negative = _guided_prompt_embeds(pipe, prompts, guidance_scale)
+    noise = initial_noise(pipe, len(prompts), seed=seed, **size)
+    first = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
+                 guidance_scale=guidance_scale, latents=noise, output_type="latent", **size).frames[:, :, :1]
+    frame_levels = torch.ones(noise.shape[2], device=noise.device)
+    frame_levels[0] = 0.0  # the first frame is given clean
+
+    def condition(latents):
+        return torch.cat([first, latents[:, :, 1:]], dim=2)
+
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    latents = noise
+    for t in scheduler.timesteps:
+        model_input = condition(latents).to(pipe.transformer.dtype)
+        timestep = token_timesteps((frame_levels * t / 1000.0).expand(len(prompts), -1), tuple(noise.shape[2:]))
+        prediction = pipe.transformer(model_input, timestep, embeds, return_dict=False)[0]
+        if negative is not None:
+            unconditional = pipe.transformer(model_input, timestep, negative, return_dict=False)[0]
+            prediction = unconditional + guidance_scale * (prediction - unconditional)
+        latents = scheduler.step(prediction.float(), t, latents, return_dict=False)[0]
+    video = pipe.vae.decode(pipe.vae.denormalize(condition(latents).float()), return_dict=False)[0]
+    return ((video.clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 4, 1).cpu().numpy().astype(np.float32)
 

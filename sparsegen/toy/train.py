@@ -10,8 +10,13 @@ the transformer outputs the clean latents ``x0_hat`` and the loss is still taken
 velocity it implies, ``(x_sigma - x0_hat) / max(sigma, MIN_SIGMA_FOR_VELOCITY)``, so both
 prediction types minimise the same objective. Noise levels are drawn as
 ``sigma = shift(u)``, ``u ~ U(0, 1)``, with the same shift (FLOW_SHIFT) the
-inference scheduler uses. The prompt encoder trains jointly; with probability
-``uncond_probability`` a prompt is replaced by "" so classifier-free guidance works.
+inference scheduler uses; optionally (``per_frame_sigma_probability``) a share of the
+videos get an independent level for each latent frame, as in diffusion forcing, so
+that frames left nearly pure noise next to cleaner ones must be predicted from the
+prompt's motion rather than copied from the input; and (``first_frame_probability``) a
+share get their first latent frame nearly clean, as image-to-video models train. The
+prompt encoder trains jointly; with probability ``uncond_probability`` a prompt is
+replaced by "" so classifier-free guidance works.
 
 Every random draw is a function of (config.seed, step), so a run resumed from a
 checkpoint continues exactly as an uninterrupted one would.
@@ -80,6 +85,15 @@ class TrainConfig:
     # Share of the noise variance common to all latent frames of a video
     # (toy_pipeline.frame_correlated_noise); generation draws the same noise.
     frame_noise_correlation: float = toy_pipeline.DEFAULT_FRAME_NOISE_CORRELATION
+    # Probability that a training video's latent frames each get their own noise level
+    # (per_frame_sigmas); otherwise the whole video shares one. Validation and generation
+    # always use one level per video.
+    per_frame_sigma_probability: float = 0.0
+    # Probability that a training video's first latent frame is shown nearly clean (level
+    # drawn from [0, FIRST_FRAME_MAX_SIGMA]) while the later frames keep the video's level,
+    # as image-to-video models train (first_frame_sigmas): the later frames must continue
+    # the first one, and only the prompt says which way.
+    first_frame_probability: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "validate_every", "log_every", "threads"):
@@ -95,11 +109,46 @@ class TrainConfig:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
         training_precision(self.mixed_precision)  # raises on an unknown mode
         toy_pipeline.check_frame_noise_correlation(self.frame_noise_correlation)
+        for name in ("per_frame_sigma_probability", "first_frame_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+
+
+# Fields added after the first checkpoints were written, with the value those older
+# runs trained with; a resumed old checkpoint reads as that, not as another setting.
+LATER_CONFIG_FIELDS = {"frame_noise_correlation": 0.0, "per_frame_sigma_probability": 0.0, "first_frame_probability": 0.0}
+FIRST_FRAME_MAX_SIGMA = 0.1
 
 
 def shifted_sigma(u: torch.Tensor, shift: float = toy_pipeline.FLOW_SHIFT) -> torch.Tensor:
     """Map u in [0, 1] to a noise level with the flow-matching time shift."""
     return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def per_frame_sigmas(sigma: torch.Tensor, latent_frames: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels per latent frame: with ``probability`` a video's frames get independent
+    levels from the training distribution, otherwise all repeat the video's ``sigma``.
+
+    Args:
+        sigma: (B,) the videos' levels. Returns: (B, latent_frames).
+    """
+    chosen = torch.rand(sigma.shape[0], generator=generator) < probability
+    own = shifted_sigma(torch.rand(sigma.shape[0], latent_frames, generator=generator))
+    return torch.where(chosen[:, None], own, sigma[:, None].expand(-1, latent_frames))
+
+
+def first_frame_sigmas(sigma: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Show chosen videos' first latent frame nearly clean.
+
+    Args:
+        sigma: (B, T) levels per latent frame. Returns: (B, T), where with ``probability``
+        a video's frame 0 is replaced by a level drawn uniformly from [0, FIRST_FRAME_MAX_SIGMA].
+    """
+    chosen = torch.rand(sigma.shape[0], generator=generator) < probability
+    first = FIRST_FRAME_MAX_SIGMA * torch.rand(sigma.shape[0], generator=generator)
+    sigma = sigma.clone()
+    sigma[:, 0] = torch.where(chosen, first, sigma[:, 0])
+    return sigma
 
 
 def training_precision(mixed_precision: str):
@@ -138,15 +187,20 @@ def flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigm
     the velocity implied by the predicted clean latents).
 
     Args:
-        videos: (B, 3, F, H, W) in [-1, 1]; prompts: B strings; sigma: (B,) in (0, 1);
-        noise: (B, z_dim, T, H/s, W/s) standard normal; prediction_type: what the
-            transformer outputs (``toy_pipeline.PREDICTION_TYPES``).
+        videos: (B, 3, F, H, W) in [-1, 1]; prompts: B strings; sigma: (B,) in (0, 1), or
+            (B, T) one level per latent frame; noise: (B, z_dim, T, H/s, W/s) standard
+            normal; prediction_type: what the transformer outputs
+            (``toy_pipeline.PREDICTION_TYPES``).
     """
     x0 = codec.video_to_latents(videos)
-    s = sigma.view(-1, 1, 1, 1, 1)
+    if sigma.ndim == 1:
+        s, timestep = sigma.view(-1, 1, 1, 1, 1), sigma * 1000.0
+    else:
+        timestep = toy_pipeline.token_timesteps(sigma, tuple(x0.shape[2:]))
+        s = sigma.view(sigma.shape[0], 1, sigma.shape[1], 1, 1)
     noisy = (1.0 - s) * x0 + s * noise
     embeds = prompt_encoder.encode(prompts)
-    output = transformer(noisy, sigma * 1000.0, embeds, return_dict=False)[0].float()
+    output = transformer(noisy, timestep, embeds, return_dict=False)[0].float()
     if prediction_type == "sample":
         velocity = (noisy - output) / s.clamp(min=MIN_SIGMA_FOR_VELOCITY)
     else:
@@ -211,8 +265,7 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
 
     state = torch.load(checkpoint_path, weights_only=False) if resume and checkpoint_path.is_file() else None
     if state is not None:
-        # Checkpoints from before the noise prior existed trained on independent frames.
-        saved = TrainConfig(**{"frame_noise_correlation": 0.0, **state["config"]})
+        saved = TrainConfig(**{**LATER_CONFIG_FIELDS, **state["config"]})
         # Thread count and checkpoint interval do not change what is trained.
         runtime_only = {"threads", "checkpoint_minutes"}
         if {k: v for k, v in dataclasses.asdict(saved).items() if k not in runtime_only} != {
@@ -267,6 +320,11 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
         prompts = ["" if rng.random() < config.uncond_probability else p for p in prompts]
         sigma = shifted_sigma(torch.rand(config.batch_size, generator=generator))
         noise = toy_pipeline.frame_correlated_noise(codec.pack(videos).shape, generator, config.frame_noise_correlation)
+        # Drawn last, only when asked for: runs without them keep their random stream.
+        if config.per_frame_sigma_probability > 0.0 or config.first_frame_probability > 0.0:
+            sigma = per_frame_sigmas(sigma, noise.shape[2], config.per_frame_sigma_probability, generator)
+        if config.first_frame_probability > 0.0:
+            sigma = first_frame_sigmas(sigma, config.first_frame_probability, generator)
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
@@ -405,14 +463,31 @@ def _noise_sentence(config: dict) -> str:
     # Summaries written before the noise prior existed trained on independent frames.
     correlation = config.get("frame_noise_correlation", 0.0)
     if correlation == 0.0:
-        return "The noise is independent across latent frames."
-    return textwrap.fill(
-        f"The noise is correlated across latent frames: {correlation} of its variance is one draw "
-        f"shared by all latent frames of a video (`sqrt({correlation}) shared + sqrt({1 - correlation:g}) "
-        "per-frame`, unit variance per element), and generation draws its initial noise the "
-        "same way (`noise_prior.json`).",
-        width=88,
-    )
+        sentence = "The noise is independent across latent frames."
+    else:
+        sentence = (
+            f"The noise is correlated across latent frames: {correlation} of its variance is one draw "
+            f"shared by all latent frames of a video (`sqrt({correlation}) shared + sqrt({1 - correlation:g}) "
+            "per-frame`, unit variance per element), and generation draws its initial noise the "
+            "same way (`noise_prior.json`)."
+        )
+    per_frame = config.get("per_frame_sigma_probability", 0.0)
+    if per_frame > 0.0:
+        sentence += (
+            f" With probability {per_frame} a training video's latent frames each get their own "
+            "noise level from the same distribution (the transformer takes one timestep per token), "
+            "so some frames must be predicted from cleaner neighbours and the prompt; validation "
+            "and generation use one level per video."
+        )
+    first_frame = config.get("first_frame_probability", 0.0)
+    if first_frame > 0.0:
+        sentence += (
+            f" With probability {first_frame} a training video's first latent frame is shown nearly "
+            f"clean (noise level at most {FIRST_FRAME_MAX_SIGMA}, one timestep per token) while the later "
+            "frames keep the video's level, as image-to-video models train, so the model can continue a "
+            "given first frame (`sparsegen.toy.generate_from_first_frame`)."
+        )
+    return textwrap.fill(sentence, width=88)
 
 
 def _prediction_words(config: dict) -> str:
