@@ -3,6 +3,7 @@
     python evals/toy_checks.py                       # full run (about 2 minutes on 2 cores)
     python evals/toy_checks.py --quick               # a few prompts and steps (CI smoke run)
     python evals/toy_checks.py --model-path DIR      # another asset directory
+    python evals/toy_checks.py --sampler first-frame # two-stage sampling (toy.generate_from_first_frame)
 
 1. Prompt following. For a fixed prompt set, dense generations of the trained model, of
    the same architecture at its random initialisation (baseline) and the generator's own

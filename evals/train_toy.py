@@ -4,6 +4,7 @@
     python evals/train_toy.py --benchmark 5        # time 5 steps, write nothing
     python evals/train_toy.py --resume             # continue an interrupted run from its checkpoint
     python evals/train_toy.py --write-card         # (re)write the model card of --out from its summary
+    python evals/train_toy.py --first-frame-probability 0.5 --steps 2700 --out DIR   # a recipe tried (evals/RESULTS.md)
 
 The run checkpoints to --run-dir every few minutes and logs one JSON line per 10 steps.
 """
