@@ -206,14 +206,11 @@ def one_call_prediction(pipe, real: np.ndarray, prompts, *, seed: int, sigma) ->
     # The noise the model was trained with (its frame correlation, if any).
     noise = toy.frame_correlated_noise(x0.shape, torch.Generator().manual_seed(seed), pipe.toy_frame_noise_correlation)
     embeds = toy.encode_prompt(pipe, list(prompts))
-    if np.ndim(sigma) == 0:
-        levels = torch.full((len(prompts),), float(sigma))
-        s, timestep = levels.view(-1, 1, 1, 1, 1), 1000.0 * levels
-    else:
-        levels = torch.tensor(sigma, dtype=torch.float32).expand(len(prompts), -1)
-        s, timestep = levels[:, None, :, None, None], toy.token_timesteps(levels, tuple(x0.shape[2:]))
+    levels = (torch.full((len(prompts),), float(sigma)) if np.ndim(sigma) == 0
+              else torch.tensor(sigma, dtype=torch.float32).expand(len(prompts), -1))
+    s = toy.broadcast_levels(levels)
     noisy = (1.0 - s) * x0 + s * noise
-    output = transformer(noisy, timestep, embeds, return_dict=False)[0]
+    output = transformer(noisy, toy.transformer_timestep(levels, tuple(x0.shape[2:])), embeds, return_dict=False)[0]
     x0_pred = toy.clean_latents(output, noisy, levels, pipe.scheduler.config.prediction_type)
     pred = codec.unpack(codec.denormalize(x0_pred)).clamp(-1, 1)
     return ((pred + 1.0) / 2.0).permute(0, 2, 3, 4, 1).numpy()

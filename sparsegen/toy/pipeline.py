@@ -133,8 +133,19 @@ def clean_latents(model_output: torch.Tensor, noisy: torch.Tensor, sigma, predic
     if prediction_type == "sample":
         return model_output
     s = torch.as_tensor(sigma, dtype=noisy.dtype, device=noisy.device)
-    s = s[:, None, :, None, None] if s.ndim == 2 else s.reshape(-1, 1, 1, 1, 1)
-    return noisy - s * model_output
+    return noisy - broadcast_levels(s if s.ndim == 2 else s.reshape(-1)) * model_output
+
+
+def broadcast_levels(sigma: torch.Tensor) -> torch.Tensor:
+    """(B,) levels per video -> (B, 1, 1, 1, 1); (B, T) levels per latent frame -> (B, 1, T, 1, 1),
+    to scale latents (B, C, T, H, W)."""
+    return sigma[:, None, :, None, None] if sigma.ndim == 2 else sigma.view(-1, 1, 1, 1, 1)
+
+
+def transformer_timestep(sigma: torch.Tensor, latent_grid: tuple[int, int, int]) -> torch.Tensor:
+    """The transformer's timestep for (B,) levels per video, ``1000 * sigma``, or for (B, T)
+    levels per latent frame, one per token (``token_timesteps``)."""
+    return 1000.0 * sigma if sigma.ndim == 1 else token_timesteps(sigma, latent_grid)
 
 
 def token_timesteps(sigma: torch.Tensor, latent_grid: tuple[int, int, int]) -> torch.Tensor:

@@ -193,13 +193,10 @@ def flow_matching_loss(transformer, prompt_encoder, codec, videos, prompts, sigm
             (``toy_pipeline.PREDICTION_TYPES``).
     """
     x0 = codec.video_to_latents(videos)
-    if sigma.ndim == 1:
-        s, timestep = sigma.view(-1, 1, 1, 1, 1), sigma * 1000.0
-    else:
-        timestep = toy_pipeline.token_timesteps(sigma, tuple(x0.shape[2:]))
-        s = sigma.view(sigma.shape[0], 1, sigma.shape[1], 1, 1)
+    s = toy_pipeline.broadcast_levels(sigma)
     noisy = (1.0 - s) * x0 + s * noise
     embeds = prompt_encoder.encode(prompts)
+    timestep = toy_pipeline.transformer_timestep(sigma, tuple(x0.shape[2:]))
     output = transformer(noisy, timestep, embeds, return_dict=False)[0].float()
     if prediction_type == "sample":
         velocity = (noisy - output) / s.clamp(min=MIN_SIGMA_FOR_VELOCITY)
