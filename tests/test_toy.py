@@ -245,7 +245,7 @@ def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):
 
     config = toy_train.TrainConfig(steps=2, batch_size=2, warmup_steps=1, validate_every=2, log_every=1, threads=2,
                                    frame_noise_correlation=0.5, per_frame_sigma_probability=0.5,
-                                   first_frame_probability=0.5)
+                                   first_frame_probability=0.5, first_frame_later_min_sigma=0.9)
     summary = toy_train.train(config, tmp_path / "asset", tmp_path / "run", command="test")
     assert summary["steps_done"] == 2 and math.isfinite(summary["final_validation_loss_ema"])
     loaded = toy.load_pipeline(path=tmp_path / "asset")
@@ -259,6 +259,7 @@ def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):
     assert f"{config.frame_noise_correlation} of its variance" in card
     assert "With probability 0.5 a training video's latent frames each get their own" in " ".join(card.split())
     assert "first latent frame is shown nearly clean" in " ".join(card.split())
+    assert "moved to 0.9 + 0.1 s" in " ".join(card.split())
 
 
 def test_per_frame_noise_levels_reach_each_latent_frame_in_token_order():
@@ -285,6 +286,17 @@ def test_per_frame_noise_levels_reach_each_latent_frame_in_token_order():
     assert torch.equal(toy_train.first_frame_sigmas(own, 0.0, gen), own)
     with pytest.raises(ValueError, match="first_frame_probability=-0.1"):
         toy_train.TrainConfig(first_frame_probability=-0.1)
+    # With a floor, the chosen videos' later frames move into [floor, 1], keeping their order.
+    floored = toy_train.first_frame_sigmas(own, 0.5, torch.Generator().manual_seed(1), later_min_sigma=0.9)
+    plain = toy_train.first_frame_sigmas(own, 0.5, torch.Generator().manual_seed(1))
+    moved = floored[:, 0] != own[:, 0]
+    assert torch.equal(plain[:, 0], floored[:, 0])
+    torch.testing.assert_close(floored[moved, 1:], 0.9 + 0.1 * own[moved, 1:])
+    assert torch.equal(floored[~moved], own[~moved])
+    with pytest.raises(ValueError, match="set first_frame_probability > 0"):
+        toy_train.TrainConfig(first_frame_later_min_sigma=0.9)
+    with pytest.raises(ValueError, match="first_frame_later_min_sigma=1.0"):
+        toy_train.TrainConfig(first_frame_probability=0.5, first_frame_later_min_sigma=1.0)
 
     levels = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]])
     timesteps = toy.token_timesteps(levels, (5, 8, 8))

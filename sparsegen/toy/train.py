@@ -94,6 +94,10 @@ class TrainConfig:
     # as image-to-video models train (first_frame_sigmas): the later frames must continue
     # the first one, and only the prompt says which way.
     first_frame_probability: float = 0.0
+    # In those first-frame videos, the later frames' level is moved into [this, 1]
+    # (floor + (1 - floor) * level): near pure noise the later frames show no motion to
+    # copy, so only the prompt's direction word can place the objects. 0 keeps the level.
+    first_frame_later_min_sigma: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "validate_every", "log_every", "threads"):
@@ -112,11 +116,17 @@ class TrainConfig:
         for name in ("per_frame_sigma_probability", "first_frame_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if not 0.0 <= self.first_frame_later_min_sigma < 1.0:
+            raise ValueError(f"first_frame_later_min_sigma={self.first_frame_later_min_sigma} must be in [0, 1)")
+        if self.first_frame_later_min_sigma > 0.0 and self.first_frame_probability == 0.0:
+            raise ValueError("first_frame_later_min_sigma applies to first-frame videos only; "
+                             "set first_frame_probability > 0 as well")
 
 
 # Fields added after the first checkpoints were written, with the value those older
 # runs trained with; a resumed old checkpoint reads as that, not as another setting.
-LATER_CONFIG_FIELDS = {"frame_noise_correlation": 0.0, "per_frame_sigma_probability": 0.0, "first_frame_probability": 0.0}
+LATER_CONFIG_FIELDS = {"frame_noise_correlation": 0.0, "per_frame_sigma_probability": 0.0, "first_frame_probability": 0.0,
+                       "first_frame_later_min_sigma": 0.0}
 FIRST_FRAME_MAX_SIGMA = 0.1
 
 
@@ -137,16 +147,20 @@ def per_frame_sigmas(sigma: torch.Tensor, latent_frames: int, probability: float
     return torch.where(chosen[:, None], own, sigma[:, None].expand(-1, latent_frames))
 
 
-def first_frame_sigmas(sigma: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+def first_frame_sigmas(sigma: torch.Tensor, probability: float, generator: torch.Generator,
+                       later_min_sigma: float = 0.0) -> torch.Tensor:
     """Show chosen videos' first latent frame nearly clean.
 
     Args:
         sigma: (B, T) levels per latent frame. Returns: (B, T), where with ``probability``
-        a video's frame 0 is replaced by a level drawn uniformly from [0, FIRST_FRAME_MAX_SIGMA].
+        a video's frame 0 is replaced by a level drawn uniformly from [0, FIRST_FRAME_MAX_SIGMA]
+        and its later frames' levels s become ``later_min_sigma + (1 - later_min_sigma) * s``.
     """
     chosen = torch.rand(sigma.shape[0], generator=generator) < probability
     first = FIRST_FRAME_MAX_SIGMA * torch.rand(sigma.shape[0], generator=generator)
     sigma = sigma.clone()
+    later = later_min_sigma + (1.0 - later_min_sigma) * sigma[:, 1:]
+    sigma[:, 1:] = torch.where(chosen[:, None], later, sigma[:, 1:])
     sigma[:, 0] = torch.where(chosen, first, sigma[:, 0])
     return sigma
 
@@ -321,7 +335,7 @@ def train(config: TrainConfig, out_dir, run_dir, *, resume: bool = False, comman
         if config.per_frame_sigma_probability > 0.0 or config.first_frame_probability > 0.0:
             sigma = per_frame_sigmas(sigma, noise.shape[2], config.per_frame_sigma_probability, generator)
         if config.first_frame_probability > 0.0:
-            sigma = first_frame_sigmas(sigma, config.first_frame_probability, generator)
+            sigma = first_frame_sigmas(sigma, config.first_frame_probability, generator, config.first_frame_later_min_sigma)
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
@@ -477,11 +491,15 @@ def _noise_sentence(config: dict) -> str:
             "and generation use one level per video."
         )
     first_frame = config.get("first_frame_probability", 0.0)
+    later_min = config.get("first_frame_later_min_sigma", 0.0)
+    later_words = ("frames keep the video's level" if later_min == 0.0 else
+                   f"frames' level s is moved to {later_min:g} + {1 - later_min:g} s (near pure noise, "
+                   "so only the prompt tells which way the objects go)")
     if first_frame > 0.0:
         sentence += (
             f" With probability {first_frame} a training video's first latent frame is shown nearly "
             f"clean (noise level at most {FIRST_FRAME_MAX_SIGMA}, one timestep per token) while the later "
-            "frames keep the video's level, as image-to-video models train, so the model can continue a "
+            + later_words + ", as image-to-video models train, so the model can continue a "
             "given first frame (`sparsegen.toy.generate_from_first_frame`)."
         )
     return textwrap.fill(sentence, width=88)
