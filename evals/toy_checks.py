@@ -395,18 +395,16 @@ def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int =
     plt.close(fig)
 
 
-# How videos are sampled (--sampler): all frames together as WanPipeline does, or first a
-# video and then its later frames again as a continuation of its first one.
-SAMPLERS = {"joint": toy.generate, "first-frame": toy.generate_from_first_frame}
-
-
+# How videos are sampled (--sampler, sparsegen.toy.pipeline.SAMPLERS): all frames together
+# as WanPipeline does, or first a video and then its later frames again as a continuation
+# of its first one.
 SAMPLER_WORDS = {"joint": "all frames sampled together",
                  "first-frame": "sampled in two stages (a video, then its later frames again continuing its first)"}
 
 
 def generate_videos(pipe, prompts, *, seed, steps, guidance, batch, record_steps=(), sampler="joint"):
     """Dense generations (N, F, H, W, 3), ``batch`` prompts at a time (prompt i from noise
-    seed + i) with one of SAMPLERS, and the attention inputs recorded at ``record_steps``
+    seed + i) with ``sampler`` (toy.generate's), and the attention inputs recorded at ``record_steps``
     of the first batch (conditional pass of the pipeline's own loop only; none when
     ``record_steps`` is empty)."""
     videos, records = [], []
@@ -415,8 +413,8 @@ def generate_videos(pipe, prompts, *, seed, steps, guidance, batch, record_steps
         recording = (record_attention_inputs(pipe, steps=record_steps, max_calls_per_step=1)
                      if start == 0 and record_steps else contextlib.nullcontext([]))
         with recording as recs:
-            videos.append(SAMPLERS[sampler](pipe, chunk, seed=seed + start, num_inference_steps=steps,
-                                            guidance_scale=guidance, **VIDEO_SIZE))
+            videos.append(toy.generate(pipe, chunk, seed=seed + start, num_inference_steps=steps,
+                                       guidance_scale=guidance, sampler=sampler, **VIDEO_SIZE))
         records += list(recs)
     return np.concatenate(videos), records
 
@@ -673,9 +671,10 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the model's, toy.DEFAULT_GUIDANCE_SCALE)")
     parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="joint",
+    parser.add_argument("--sampler", choices=tuple(SAMPLER_WORDS), default=None,
                         help="joint: all frames together (WanPipeline); first-frame: then the later frames again as a "
-                             "continuation of the first (toy.generate_from_first_frame)")
+                             "continuation of the first (toy.generate_from_first_frame); default: the model's own "
+                             "(its sampling.json), for the untrained baseline too")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "out" / "toy_checks")
     parser.add_argument("--results", type=Path, default=REPO / "evals" / "results" / "toy.md",
@@ -697,11 +696,12 @@ def main(argv=None) -> int:
     classifier = BackgroundClassifier(16 if args.quick else 64)
 
     pipes = {"trained": toy.load_pipeline(path=args.model_path), "untrained": untrained_pipeline(args.model_path)}
+    sampler = args.sampler or pipes["trained"].toy_sampler
     videos, profiles = {}, {}
     for name, pipe in pipes.items():
         videos[name], profiles[name], geometry = generate_all(
             pipe, prompts, seed=args.seed, steps=steps, guidance=guidance, batch=args.batch, record_steps=record_steps,
-            sampler=args.sampler)
+            sampler=sampler)
         print(f"generated {n} videos with the {name} model ({time.monotonic() - tic:.0f} s)", flush=True)
     real = np.stack([t.frames for t in truths])
     # The same prompts with the objects' direction reversed, from the same noise (generator: the same seed).
@@ -710,13 +710,13 @@ def main(argv=None) -> int:
                                          for i, s in enumerate(reversed_specs)])}
     for name, pipe in pipes.items():
         reversed_videos[name], _ = generate_videos(pipe, [s.prompt for s in reversed_specs], seed=args.seed, steps=steps,
-                                                   guidance=guidance, batch=args.batch, sampler=args.sampler)
+                                                   guidance=guidance, batch=args.batch, sampler=sampler)
     print(f"generated the direction-reversed prompts ({time.monotonic() - tic:.0f} s)", flush=True)
 
     result = {
         "command": "python evals/toy_checks.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "model_path": str(args.model_path or toy.ASSET_DIR.relative_to(REPO)),
-        "num_prompts": n, "steps": steps, "seed": args.seed, "guidance_scale": guidance, "sampler": args.sampler,
+        "num_prompts": n, "steps": steps, "seed": args.seed, "guidance_scale": guidance, "sampler": sampler,
         "record_steps": record_steps, "recorded_prompts": min(args.batch, n), "video_size": VIDEO_SIZE,
         "threads": args.threads, "geometry": geometry,
         "background_classifier": {"videos": 16 if args.quick else 64, "training_accuracy": classifier.training_accuracy},

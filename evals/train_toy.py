@@ -1,10 +1,10 @@
-"""Train the toy Wan model shipped in sparsegen/assets/toy_wan (CPU, about 56 minutes on 2 cores).
+"""Train the toy Wan model shipped in sparsegen/assets/toy_wan (CPU, about 52 minutes on 2 cores).
 
     python evals/train_toy.py                      # the documented run, writes the assets
     python evals/train_toy.py --benchmark 5        # time 5 steps, write nothing
     python evals/train_toy.py --resume             # continue an interrupted run from its checkpoint
     python evals/train_toy.py --write-card         # (re)write the model card of --out from its summary
-    python evals/train_toy.py --first-frame-probability 0.5 --steps 2700 --out DIR   # a recipe tried (evals/RESULTS.md)
+    python evals/train_toy.py --first-frame-probability 0 --out DIR   # a recipe tried (evals/RESULTS.md)
 
 The run checkpoints to --run-dir every few minutes and logs one JSON line per 10 steps.
 """

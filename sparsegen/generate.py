@@ -165,6 +165,8 @@ class _Model:
                              "fps": 8}
             self.method_options = toy.RECOMMENDED_METHOD_OPTIONS
             self._toy = toy
+            self.steps_note = (" in each of two stages (a video, then its later frames again continuing its first)"
+                               if self.pipe.toy_sampler == "first-frame" else "")
         else:
             from diffusers import DiffusionPipeline
 
@@ -175,6 +177,7 @@ class _Model:
                              "width": 832, "steps": 30, "guidance": 5.0, "fps": 16}
             self.method_options = {}
             self._toy = None
+            self.steps_note = ""
         self.pipe.set_progress_bar_config(disable=False, leave=False)
         self.device = device
 
@@ -200,18 +203,25 @@ class _Model:
         return np.asarray(frames_out, dtype=np.float32)
 
 
-def _timed_run(model: _Model, settings: dict) -> tuple[np.ndarray, list[float], float]:
+def _timed_run(model: _Model, settings: dict, handle=None) -> tuple[np.ndarray, list[float], float, list]:
+    """(frames, seconds of each denoising step, total seconds, attention density of each
+    step or None). Steps are counted as the pipeline calls back, so a sampler that runs
+    the denoising loop twice (the built-in model's two stages) reports both."""
     marks: list[float] = []
+    densities: list[Optional[float]] = []
 
     def callback(pipe, i, t, kwargs):
         marks.append(time.perf_counter())
+        # The step just finished is the handle's latest (its counter restarts with each loop).
+        stats = handle.step_densities() if handle is not None else []
+        densities.append(stats[-1][1] if stats else None)
         return {}
 
     t0 = time.perf_counter()
     frames = model(callback=callback, **settings)
     total = time.perf_counter() - t0
     steps = [b - a for a, b in zip([t0] + marks[:-1], marks)]
-    return frames, steps, total
+    return frames, steps, total, densities
 
 
 def generate_video(
@@ -268,22 +278,21 @@ def generate_video(
     dense_frames = None
     if compare_dense:
         log(f"[sparsegen] dense run: {settings['frames']} frames {settings['height']}x{settings['width']}, "
-            f"{settings['steps']} steps")
-        dense_frames, dense_steps, dense_total = _timed_run(m, settings)
+            f"{settings['steps']} steps{m.steps_note}")
+        dense_frames, dense_steps, dense_total, _ = _timed_run(m, settings)
         summary["dense_seconds"] = dense_total
         summary["dense_step_seconds"] = dense_steps
 
     log(f"[sparsegen] {cfg.method} run: {settings['frames']} frames {settings['height']}x{settings['width']}, "
-        f"{settings['steps']} steps")
+        f"{settings['steps']} steps{m.steps_note}")
     handle = sparsegen.apply(m.pipe, cfg)
     try:
-        sparse_frames, sparse_steps, sparse_total = _timed_run(m, settings)
-        densities = dict(handle.step_densities())
+        sparse_frames, sparse_steps, sparse_total, step_density = _timed_run(m, settings, handle)
     finally:
         handle.remove()
     summary["seconds"] = sparse_total
     summary["step_seconds"] = sparse_steps
-    summary["step_density"] = [densities.get(i) for i in range(len(sparse_steps))]
+    summary["step_density"] = step_density
     for i, (sec, den) in enumerate(zip(sparse_steps, summary["step_density"])):
         dtxt = "n/a" if den is None else f"{den:.3f}"
         log(f"  step {i:3d}: {sec * 1000:8.1f} ms   attention density {dtxt}")

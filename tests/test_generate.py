@@ -24,10 +24,13 @@ def test_generate_compare_dense_writes_videos_and_summary(tmp_path):
     side = iio.imread(tmp_path / "demo_vs_dense.mp4")
     assert frames.shape == (17, 32, 32, 3) and frames.dtype == np.uint8
     assert side.shape == (17, 32, 64, 3)
-    assert len(summary["step_seconds"]) == 3 and all(s > 0 for s in summary["step_seconds"])
-    # Step 0 is dense by the schedule; later steps run the radial mask (sparse at 5 x 64 tokens).
-    assert summary["step_density"][0] == 1.0
-    assert 0.0 < summary["step_density"][1] < 1.0
+    # The built-in model samples in two stages of 3 steps: every step is timed, and each
+    # stage's step 0 is dense by the schedule while its later steps run the radial mask
+    # (sparse at 5 x 64 tokens).
+    assert len(summary["step_seconds"]) == 6 and all(s > 0 for s in summary["step_seconds"])
+    assert len(summary["step_density"]) == 6
+    for stage in (summary["step_density"][:3], summary["step_density"][3:]):
+        assert stage[0] == 1.0 and all(0.0 < d < 1.0 for d in stage[1:])
     assert summary["speedup"] > 0 and np.isfinite(summary["psnr_vs_dense"]) and summary["psnr_vs_dense"] > 10
     # The left half of the side-by-side video is the dense run, the right half the sparse one.
     assert psnr(side[:, :, 32:].astype(np.float32) / 255, frames.astype(np.float32) / 255) > 40
@@ -39,7 +42,7 @@ def test_generate_dense_method_equals_dense_run(tmp_path):
                           "--compare-dense", "--json", str(summary_path)]) == 0
     summary = json.loads(summary_path.read_text())
     assert summary["psnr_vs_dense"] == float("inf") or summary["psnr_vs_dense"] > 80
-    assert summary["step_density"] == [1.0, 1.0]
+    assert summary["step_density"] == [1.0] * 4  # two stages of 2 steps
 
 
 def test_method_options_are_parsed_by_type_and_unknown_ones_listed():
@@ -72,6 +75,7 @@ def test_built_in_model_gets_its_method_options_unless_the_user_gives_any(tmp_pa
     assert summary["method"]["block_size"] == RECOMMENDED_METHOD_OPTIONS["radial"]["block_size"] == 64
     assert summary["method"]["dense_steps"] == 5
     assert summary["step_density"][:5] == [1.0] * 5 and summary["step_density"][5] < 1.0
+    assert summary["step_density"][6:11] == [1.0] * 5 and summary["step_density"][11] < 1.0  # second stage
     # Any option given replaces the whole recommended set: the method's own defaults apply.
     assert generate_main(["--steps", "2", "--frames", "9", "--out", "", "--json", str(summary_path),
                           "--decay-factor", "0.5"]) == 0

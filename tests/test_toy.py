@@ -77,7 +77,7 @@ def test_two_stage_sampling_keeps_the_first_frame_and_resamples_the_rest(pipe):
     """generate_from_first_frame: frame 0 is the joint sample's first frame, the later
     frames are sampled again conditioned on it (so they differ), every frame in range."""
     prompts = [PROMPT, "a red circle moving right over a striped background"]
-    joint = toy.generate(pipe, prompts, seed=3, num_inference_steps=3)
+    joint = toy.generate(pipe, prompts, seed=3, num_inference_steps=3, sampler="joint")
     staged = toy.generate_from_first_frame(pipe, prompts, seed=3, num_inference_steps=3)
     assert staged.shape == joint.shape and staged.dtype == np.float32
     assert staged.min() >= 0.0 and staged.max() <= 1.0
@@ -86,6 +86,42 @@ def test_two_stage_sampling_keeps_the_first_frame_and_resamples_the_rest(pipe):
     np.testing.assert_array_equal(staged, toy.generate_from_first_frame(pipe, prompts, seed=3, num_inference_steps=3))
     with pytest.raises(TypeError, match="wrap a single prompt in a list"):
         toy.generate_from_first_frame(pipe, PROMPT)
+
+
+def test_generate_samples_the_way_the_model_names_and_calls_back_every_step(pipe, tmp_path, monkeypatch):
+    """A model directory's sampling.json picks toy.generate's sampler (absent: joint); the
+    two-stage sampler calls back after each step of both loops and refuses other pipeline
+    options; a broken or unknown sampler is refused with what to do."""
+    from sparsegen.toy import pipeline as toy_pipeline
+
+    assert pipe.toy_sampler == toy_pipeline.load_default_sampler()
+    prompts = [PROMPT]
+    staged = toy.generate_from_first_frame(pipe, prompts, seed=3, num_inference_steps=3)
+    calls = []
+    monkeypatch.setattr(pipe, "toy_sampler", "first-frame")
+    by_default = toy.generate(pipe, prompts, seed=3, num_inference_steps=3,
+                              callback_on_step_end=lambda p, i, t, kw: calls.append(i) or {})
+    np.testing.assert_array_equal(by_default, staged)
+    assert calls == [0, 1, 2, 0, 1, 2]
+    joint = toy.generate(pipe, prompts, seed=3, num_inference_steps=3, sampler="joint")
+    assert np.abs(joint[:, 1:] - staged[:, 1:]).mean() > 1e-3
+    with pytest.raises(TypeError, match="pass sampler='joint'"):
+        toy.generate(pipe, prompts, num_inference_steps=2, output_type="latent")
+    with pytest.raises(ValueError, match="sampler='both' must be one of"):
+        toy.generate(pipe, prompts, num_inference_steps=2, sampler="both")
+
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    (model / "transformer" / "config.json").write_text("{}")
+    assert toy_pipeline.load_default_sampler(model) == "joint"
+    (model / "sampling.json").write_text('{"sampler": "first-frame"}')
+    assert toy_pipeline.load_default_sampler(model) == "first-frame"
+    (model / "sampling.json").write_text('{"sampler": "sideways"}')
+    with pytest.raises(ValueError, match="must be one of"):
+        toy_pipeline.load_default_sampler(model)
+    (model / "sampling.json").write_text("first-frame")
+    with pytest.raises(ValueError, match="re-export the model or fix the file"):
+        toy_pipeline.load_default_sampler(model)
 
 
 def test_generate_rejects_a_bare_string_and_unknown_words(pipe):
@@ -260,6 +296,8 @@ def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):
     assert "With probability 0.5 a training video's latent frames each get their own" in " ".join(card.split())
     assert "first latent frame is shown nearly clean" in " ".join(card.split())
     assert "moved to 0.9 + 0.1 s" in " ".join(card.split())
+    # A model trained to continue a first frame samples in two stages by default.
+    assert loaded.toy_sampler == "first-frame" and '"first-frame"' in card
 
 
 def test_per_frame_noise_levels_reach_each_latent_frame_in_token_order():
@@ -293,8 +331,6 @@ def test_per_frame_noise_levels_reach_each_latent_frame_in_token_order():
     assert torch.equal(plain[:, 0], floored[:, 0])
     torch.testing.assert_close(floored[moved, 1:], 0.9 + 0.1 * own[moved, 1:])
     assert torch.equal(floored[~moved], own[~moved])
-    with pytest.raises(ValueError, match="set first_frame_probability > 0"):
-        toy_train.TrainConfig(first_frame_later_min_sigma=0.9)
     with pytest.raises(ValueError, match="first_frame_later_min_sigma=1.0"):
         toy_train.TrainConfig(first_frame_probability=0.5, first_frame_later_min_sigma=1.0)
 

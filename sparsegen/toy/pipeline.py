@@ -7,6 +7,7 @@ Shipped files (``sparsegen/assets/toy_wan``)::
     vae/config.json   PixelShuffleVideoCodec config (scale factors, latent statistics)
     scheduler/        UniPCMultistepScheduler config (flow matching, shift FLOW_SHIFT)
     noise_prior.json  share of the initial noise common to all latent frames (frame_correlated_noise)
+    sampling.json     how ``generate`` samples this model by default (SAMPLERS)
     README.md         model card; loss_curve.png; training_summary.json
 
 Example::
@@ -208,6 +209,34 @@ def load_frame_noise_correlation(path=None) -> float:
     return float(correlation)
 
 
+# How ``generate`` samples: "joint" = all latent frames together, as WanPipeline does;
+# "first-frame" = a video as WanPipeline makes it, then its later latent frames again as a
+# continuation of its first one (generate_from_first_frame). A model's asset directory names
+# its default in SAMPLING_FILE (models trained to continue a first frame: "first-frame");
+# without the file, "joint".
+SAMPLERS = ("joint", "first-frame")
+SAMPLING_FILE = "sampling.json"
+
+
+def check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} must be one of {list(SAMPLERS)}")
+
+
+def load_default_sampler(path=None) -> str:
+    """The sampler a model in ``path`` is meant for ("joint" when it names none)."""
+    file = _asset_dir(path) / SAMPLING_FILE
+    if not file.is_file():
+        return "joint"
+    try:
+        sampler = json.loads(file.read_text())["sampler"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{file} must be JSON like {{\"sampler\": \"joint\"}} (one of {list(SAMPLERS)}); "
+                         "re-export the model or fix the file") from None
+    check_sampler(sampler)
+    return sampler
+
+
 def new_transformer(seed: int = 0) -> WanTransformer3DModel:
     """Untrained transformer with the shipped architecture (diffusers' default init)."""
     with torch.random.fork_rng():
@@ -248,16 +277,20 @@ def load_codec(path=None) -> PixelShuffleVideoCodec:
     return PixelShuffleVideoCodec(**config).eval()
 
 
-def build_pipeline(transformer, codec, prompt_encoder=None, scheduler=None, frame_noise_correlation: float = 0.0) -> WanPipeline:
+def build_pipeline(transformer, codec, prompt_encoder=None, scheduler=None, frame_noise_correlation: float = 0.0,
+                   sampler: str = "joint") -> WanPipeline:
     """Assemble a WanPipeline from parts (no text encoder: prompts go through
     ``encode_prompt``). The prompt encoder rides along as ``pipe.toy_prompt_encoder``, the
-    model's noise prior (see ``frame_correlated_noise``) as ``pipe.toy_frame_noise_correlation``."""
+    model's noise prior (see ``frame_correlated_noise``) as ``pipe.toy_frame_noise_correlation``
+    and its default sampler (SAMPLERS) as ``pipe.toy_sampler``."""
     check_frame_noise_correlation(frame_noise_correlation)
+    check_sampler(sampler)
     pipe = WanPipeline(
         tokenizer=None, text_encoder=None, vae=codec, scheduler=scheduler or make_scheduler(), transformer=transformer
     )
     pipe.toy_prompt_encoder = prompt_encoder
     pipe.toy_frame_noise_correlation = float(frame_noise_correlation)
+    pipe.toy_sampler = sampler
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -278,7 +311,8 @@ def load_pipeline(device="cpu", dtype: torch.dtype = torch.float32, path=None) -
     transformer = load_transformer(path, device=device, dtype=dtype)
     codec = load_codec(path).to(device)
     scheduler = UniPCMultistepScheduler.from_pretrained(path / "scheduler", local_files_only=True)
-    return build_pipeline(transformer, codec, load_prompt_encoder(path), scheduler, load_frame_noise_correlation(path))
+    return build_pipeline(transformer, codec, load_prompt_encoder(path), scheduler, load_frame_noise_correlation(path),
+                          load_default_sampler(path))
 
 
 def encode_prompt(pipe_or_none, prompts: list[str]) -> torch.Tensor:
@@ -315,6 +349,7 @@ def generate(
     width: int = DEFAULT_WIDTH,
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    sampler: str | None = None,
     **pipe_kwargs,
 ) -> np.ndarray:
     """Run ``pipe`` on toy prompts; returns frames (B, F, H, W, 3) float32 in [0, 1].
@@ -322,7 +357,20 @@ def generate(
     The noise of prompt ``i`` comes from ``torch.Generator().manual_seed(seed + i)``, so
     a prompt's video does not depend on the other prompts in the batch; it follows the
     model's noise prior (``pipe.toy_frame_noise_correlation``, see ``frame_correlated_noise``).
+    ``sampler`` (SAMPLERS) defaults to the model's own (``pipe.toy_sampler``); with
+    "first-frame" the only pipeline option passed on is ``callback_on_step_end``, called
+    after every step of both stages.
     """
+    sampler = getattr(pipe, "toy_sampler", "joint") if sampler is None else sampler
+    check_sampler(sampler)
+    if sampler == "first-frame":
+        unsupported = sorted(set(pipe_kwargs) - {"callback_on_step_end"})
+        if unsupported:
+            raise TypeError(f"two-stage sampling (sampler='first-frame') takes no pipeline options {unsupported}; "
+                            "pass sampler='joint' to use them")
+        return generate_from_first_frame(pipe, prompts, seed=seed, num_frames=num_frames, height=height, width=width,
+                                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                         **pipe_kwargs)
     embeds, negative = _guided_prompt_embeds(pipe, prompts, guidance_scale)
     out = pipe(
         prompt_embeds=embeds,
@@ -373,6 +421,7 @@ def generate_from_first_frame(
     width: int = DEFAULT_WIDTH,
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    callback_on_step_end=None,
 ) -> np.ndarray:
     """Two-stage sampling: a video as ``generate`` makes it, then its later latent frames
     sampled again as a continuation of its first one.
@@ -382,6 +431,8 @@ def generate_from_first_frame(
     start from the same initial noise and are denoised with the scheduler, one timestep
     per token. Meant for models trained with ``first_frame_probability`` > 0 (the model
     card says so); others never saw a clean frame next to noisy ones.
+    ``callback_on_step_end(pipe, step, timestep, {})`` is called after every step of both
+    stages (its return value is not used).
 
     Returns:
         frames (B, F, H, W, 3) float32 in [0, 1], like ``generate``.
@@ -390,7 +441,8 @@ def generate_from_first_frame(
     embeds, negative = _guided_prompt_embeds(pipe, prompts, guidance_scale)
     noise = initial_noise(pipe, len(prompts), seed=seed, **size)
     first = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
-                 guidance_scale=guidance_scale, latents=noise, output_type="latent", **size).frames[:, :, :1]
+                 guidance_scale=guidance_scale, latents=noise, output_type="latent",
+                 callback_on_step_end=callback_on_step_end, **size).frames[:, :, :1]
     frame_levels = torch.ones(noise.shape[2], device=noise.device)
     frame_levels[0] = 0.0  # the first frame is given clean
 
@@ -400,7 +452,7 @@ def generate_from_first_frame(
     scheduler = pipe.scheduler
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     latents = noise
-    for t in scheduler.timesteps:
+    for step, t in enumerate(scheduler.timesteps):
         model_input = condition(latents).to(pipe.transformer.dtype)
         timestep = token_timesteps((frame_levels * t / 1000.0).expand(len(prompts), -1), tuple(noise.shape[2:]))
         prediction = pipe.transformer(model_input, timestep, embeds, return_dict=False)[0]
@@ -408,6 +460,8 @@ def generate_from_first_frame(
             unconditional = pipe.transformer(model_input, timestep, negative, return_dict=False)[0]
             prediction = unconditional + guidance_scale * (prediction - unconditional)
         latents = scheduler.step(prediction.float(), t, latents, return_dict=False)[0]
+        if callback_on_step_end is not None:
+            callback_on_step_end(pipe, step, t, {})
     video = pipe.vae.decode(pipe.vae.denormalize(condition(latents).float()), return_dict=False)[0]
     return ((video.clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 4, 1).cpu().numpy().astype(np.float32)
 
