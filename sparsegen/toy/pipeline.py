@@ -42,8 +42,8 @@ DEFAULT_HEIGHT = DEFAULT_SIZE_PX  # 32: the data generator's default frame size
 DEFAULT_WIDTH = DEFAULT_SIZE_PX
 DEFAULT_NUM_INFERENCE_STEPS = 20
 # Measured on 48 prompts with noise seeds apart from the evaluation's (evals/RESULTS.md): at
-# 2.0 the shipped model follows count and background more often than at 4.0, which
-# oversaturates its objects into fragments; colour is followed at both.
+# 2.0 the shipped model follows direction and background more often than at 1.0 or 4.0
+# (4.0 oversaturates its objects into fragments); colour is followed at all three.
 DEFAULT_GUIDANCE_SCALE = 2.0
 FLOW_SHIFT = 3.0  # sigma shift used both to sample training noise levels and at inference
 # What the transformer's output means, in diffusers' scheduler terms: "sample" = the clean
