@@ -395,13 +395,6 @@ def plot_denoising(real: np.ndarray, predictions: dict, path: Path, frame: int =
     plt.close(fig)
 
 
-# How videos are sampled (--sampler, sparsegen.toy.pipeline.SAMPLERS): all frames together
-# as WanPipeline does, or first a video and then its later frames again as a continuation
-# of its first one.
-SAMPLER_WORDS = {"joint": "all frames sampled together",
-                 "first-frame": "sampled in two stages (a video, then its later frames again continuing its first)"}
-
-
 def generate_videos(pipe, prompts, *, seed, steps, guidance, batch, record_steps=(), sampler="joint"):
     """Dense generations (N, F, H, W, 3), ``batch`` prompts at a time (prompt i from noise
     seed + i) with ``sampler`` (toy.generate's), and the attention inputs recorded at ``record_steps``
@@ -515,7 +508,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"Model: `{result['model_path']}`. {result['num_prompts']} fixed prompts (`sparsegen.toy.data.evaluation_specs`), "
         f"{result['steps']} denoising steps, guidance {result['guidance_scale']}, "
-        f"{SAMPLER_WORDS[result.get('sampler', 'joint')]}, seed {result['seed']} + prompt index, "
+        f"{toy.SAMPLER_WORDS[result.get('sampler', 'joint')]}, seed {result['seed']} + prompt index, "
         f"{result['video_size']['num_frames']} frames at {result['video_size']['height']} x "
         f"{result['video_size']['width']} ({result['geometry']} latent tokens, frames x rows x columns). "
         f"Wall time {result['wall_seconds']:.0f} s (torch threads: {result['threads']}; the machine may be shared).",
@@ -671,7 +664,7 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the model's, toy.DEFAULT_GUIDANCE_SCALE)")
     parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
-    parser.add_argument("--sampler", choices=tuple(SAMPLER_WORDS), default=None,
+    parser.add_argument("--sampler", choices=toy.SAMPLERS, default=None,
                         help="joint: all frames together (WanPipeline); first-frame: then the later frames again as a "
                              "continuation of the first (toy.generate_from_first_frame); default: the model's own "
                              "(its sampling.json), for the untrained baseline too")

@@ -216,6 +216,9 @@ def load_frame_noise_correlation(path=None) -> float:
 # without the file, "joint".
 SAMPLERS = ("joint", "first-frame")
 SAMPLING_FILE = "sampling.json"
+SAMPLER_WORDS = {"joint": "all latent frames sampled together, as `WanPipeline` does",
+                 "first-frame": "sampled in two stages: a video as `WanPipeline` makes it, then its later latent "
+                                "frames again as a continuation of its first one (`toy.generate_from_first_frame`)"}
 
 
 def check_sampler(sampler: str) -> None:

@@ -169,11 +169,6 @@ def default_sampler(config: dict) -> str:
     return "first-frame" if config.get("first_frame_probability", 0.0) > 0.0 else "joint"
 
 
-SAMPLER_CARD_WORDS = {"joint": "all latent frames sampled together, as `WanPipeline` does",
-                      "first-frame": "a video as `WanPipeline` makes it, then its later latent frames sampled again "
-                                     "as a continuation of its first one, `toy.generate_from_first_frame`"}
-
-
 def training_precision(mixed_precision: str):
     """The autocast context the training step runs in (a no-op for "no")."""
     if mixed_precision not in MIXED_PRECISION_MODES:
@@ -582,7 +577,7 @@ def write_model_card(asset_dir, *, note: str | None = None) -> Path:
     | `vae/config.json` | `PixelShuffleVideoCodec`: a lossless direct latent space instead of a VAE (see below), with per-channel latent statistics |
     | `scheduler/` | `UniPCMultistepScheduler` (Wan's solver), flow sigmas with shift 3.0, reading the transformer output as {_prediction_words(c)} (`prediction_type="{c.get('prediction_type', 'flow_prediction')}"`) |
     | `noise_prior.json` | share of the initial noise's variance common to all latent frames ({c.get('frame_noise_correlation', 0.0)}); `toy.generate` draws the noise this way |
-    | `sampling.json` | how `toy.generate` samples this model by default: `"{default_sampler(c)}"` ({SAMPLER_CARD_WORDS[default_sampler(c)]}) |
+    | `sampling.json` | how `toy.generate` samples this model by default: `"{default_sampler(c)}"` ({toy_pipeline.SAMPLER_WORDS[default_sampler(c)]}) |
     | `training_summary.json` | the training command, config, wall time, final losses, versions |
     | `loss_history.json`, `loss_curve.png` | training loss (mean of 10 steps) and validation loss of the EMA weights |
     
