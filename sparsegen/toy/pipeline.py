@@ -361,33 +361,34 @@ def generate(
     a prompt's video does not depend on the other prompts in the batch; it follows the
     model's noise prior (``pipe.toy_frame_noise_correlation``, see ``frame_correlated_noise``).
     ``sampler`` (SAMPLERS) defaults to the model's own (``pipe.toy_sampler``); with
-    "first-frame" the only pipeline option passed on is ``callback_on_step_end``, called
-    after every step of both stages.
+    "first-frame" (``generate_from_first_frame``) the only pipeline option passed on is
+    ``callback_on_step_end``, called after every step of both stages.
     """
     sampler = getattr(pipe, "toy_sampler", "joint") if sampler is None else sampler
     check_sampler(sampler)
-    if sampler == "first-frame":
+    two_stage = sampler == "first-frame"
+    if two_stage:
         unsupported = sorted(set(pipe_kwargs) - {"callback_on_step_end"})
         if unsupported:
             raise TypeError(f"two-stage sampling (sampler='first-frame') takes no pipeline options {unsupported}; "
                             "pass sampler='joint' to use them")
-        return generate_from_first_frame(pipe, prompts, seed=seed, num_frames=num_frames, height=height, width=width,
-                                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                         **pipe_kwargs)
     embeds, negative = _guided_prompt_embeds(pipe, prompts, guidance_scale)
+    size = dict(num_frames=num_frames, height=height, width=width)
+    noise = initial_noise(pipe, len(prompts), seed=seed, **size)
     out = pipe(
         prompt_embeds=embeds,
         negative_prompt_embeds=negative,
-        num_frames=num_frames,
-        height=height,
-        width=width,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
-        latents=initial_noise(pipe, len(prompts), seed=seed, num_frames=num_frames, height=height, width=width),
-        output_type="np",
+        latents=noise,
+        output_type="latent" if two_stage else "np",
+        **size,
         **pipe_kwargs,
     )
-    return np.asarray(out.frames, dtype=np.float32)
+    if not two_stage:
+        return np.asarray(out.frames, dtype=np.float32)
+    return _continue_first_frame(pipe, out.frames[:, :, :1], noise, embeds, negative, num_inference_steps,
+                                 guidance_scale, pipe_kwargs.get("callback_on_step_end"))
 
 
 def _guided_prompt_embeds(pipe: WanPipeline, prompts: list[str], guidance_scale: float):
@@ -413,21 +414,10 @@ def initial_noise(pipe: WanPipeline, count: int, *, seed: int, num_frames: int, 
     return torch.stack([frame_correlated_noise(shape, g, correlation) for g in generators]).to(pipe.transformer.device)
 
 
-@torch.no_grad()
-def generate_from_first_frame(
-    pipe: WanPipeline,
-    prompts: list[str],
-    *,
-    seed: int = 0,
-    num_frames: int = DEFAULT_NUM_FRAMES,
-    height: int = DEFAULT_HEIGHT,
-    width: int = DEFAULT_WIDTH,
-    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    callback_on_step_end=None,
-) -> np.ndarray:
-    """Two-stage sampling: a video as ``generate`` makes it, then its later latent frames
-    sampled again as a continuation of its first one.
+def generate_from_first_frame(pipe: WanPipeline, prompts: list[str], **options) -> np.ndarray:
+    """Two-stage sampling: a video as ``generate(sampler="joint")`` makes it, then its
+    later latent frames sampled again as a continuation of its first one; the same as
+    ``generate(..., sampler="first-frame")``, with ``generate``'s options.
 
     The second stage is image-to-video sampling as in Wan 2.2 TI2V: latent frame 0 is held
     at the first stage's clean result with timestep 0 for its tokens, the other frames
@@ -435,17 +425,18 @@ def generate_from_first_frame(
     per token. Meant for models trained with ``first_frame_probability`` > 0 (the model
     card says so); others never saw a clean frame next to noisy ones.
     ``callback_on_step_end(pipe, step, timestep, {})`` is called after every step of both
-    stages (its return value is not used).
+    stages (in the second its return value is not used).
 
     Returns:
         frames (B, F, H, W, 3) float32 in [0, 1], like ``generate``.
     """
-    size = dict(num_frames=num_frames, height=height, width=width)
-    embeds, negative = _guided_prompt_embeds(pipe, prompts, guidance_scale)
-    noise = initial_noise(pipe, len(prompts), seed=seed, **size)
-    first = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
-                 guidance_scale=guidance_scale, latents=noise, output_type="latent",
-                 callback_on_step_end=callback_on_step_end, **size).frames[:, :, :1]
+    return generate(pipe, prompts, sampler="first-frame", **options)
+
+
+@torch.no_grad()
+def _continue_first_frame(pipe, first, noise, embeds, negative, num_inference_steps, guidance_scale, callback):
+    """The second stage: latents (B, C, T, h, w) whose frame 0 is ``first`` (B, C, 1, h, w),
+    the later frames denoised from ``noise``; returns decoded frames (B, F, H, W, 3)."""
     frame_levels = torch.ones(noise.shape[2], device=noise.device)
     frame_levels[0] = 0.0  # the first frame is given clean
 
@@ -457,14 +448,13 @@ def generate_from_first_frame(
     latents = noise
     for step, t in enumerate(scheduler.timesteps):
         model_input = condition(latents).to(pipe.transformer.dtype)
-        timestep = token_timesteps((frame_levels * t / 1000.0).expand(len(prompts), -1), tuple(noise.shape[2:]))
+        timestep = token_timesteps((frame_levels * t / 1000.0).expand(noise.shape[0], -1), tuple(noise.shape[2:]))
         prediction = pipe.transformer(model_input, timestep, embeds, return_dict=False)[0]
         if negative is not None:
             unconditional = pipe.transformer(model_input, timestep, negative, return_dict=False)[0]
             prediction = unconditional + guidance_scale * (prediction - unconditional)
         latents = scheduler.step(prediction.float(), t, latents, return_dict=False)[0]
-        if callback_on_step_end is not None:
-            callback_on_step_end(pipe, step, t, {})
+        if callback is not None:
+            callback(pipe, step, t, {})
     video = pipe.vae.decode(pipe.vae.denormalize(condition(latents).float()), return_dict=False)[0]
     return ((video.clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 4, 1).cpu().numpy().astype(np.float32)
-
