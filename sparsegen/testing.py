@@ -1,9 +1,9 @@
-"""Test helpers: derived tolerances, quantization quality metrics, poisoned outputs.
+"""Test helpers: derived tolerances, quantization quality metrics.
 
 Tolerances are derived, never guessed: a fast result is compared against a
-high-precision golden and must be at most ``factor`` times as far from it as a plain
-same-dtype eager computation is (plus a small absolute floor for fp32, whose eager
-error can be ~0).
+high-precision golden and must be at most twice as far from it as a plain same-dtype
+eager computation is, plus a floor derived from rounding the golden to the output dtype
+(for fp32, whose eager error can be ~0).
 """
 
 from __future__ import annotations
@@ -14,10 +14,37 @@ from typing import Optional
 
 import torch
 
-__all__ = ["assert_close_to_golden", "sqnr_db", "cosine", "relative_l1", "random_sweep_size", "poison_"]
+__all__ = ["assert_close_to_golden", "sqnr_db", "cosine", "relative_l1", "random_sweep_size", "rounding_floor", "FP32_GRADIENT_FACTOR"]
 
-# Absolute floor per dtype: the fast path may differ from eager by accumulation order.
-_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+# The floor is measured at this magnitude: attention outputs are averages of values of
+# order one, so rounding an output of size ~0.3 or more to the output dtype is the least
+# disagreement two correct implementations can show (FlashAttention's tests use the
+# same construction).
+_FLOOR_MAGNITUDE = 0.3
+
+# fp32 gradients: the eager error is itself a few units in the last place, and two
+# correct fp32 backward passes that differ only in summation order and in recomputing
+# P from the saved log-sum-exp land 0.5x-2.8x of each other's max error (measured over
+# random block masks and the GNA gradient case). The ratio of two few-ulp maxima is
+# noise, so fp32 gradient checks allow this factor; 16-bit checks and every forward
+# check keep 2. A wrong gradient is off by orders of magnitude more than either.
+FP32_GRADIENT_FACTOR = 4.0
+
+
+def rounding_floor(golden: torch.Tensor, dtype: torch.dtype) -> float:
+    """Absolute floor of the oracle: twice the largest error of rounding ``golden`` (shifted
+    to magnitude >= 0.3) to ``dtype``.
+
+    Derived from the data and the output dtype, not a constant per dtype: one unit in the
+    last place of ``0.3 + max|golden|`` in ``dtype`` (2^-8 of it in bf16, 2^-11 in fp16,
+    2^-24 in fp32). It covers two correct results that round to neighbouring values.
+    """
+    g = golden.double()
+    g = g[torch.isfinite(g)]
+    if g.numel() == 0:
+        return 0.0
+    shifted = g.abs() + _FLOOR_MAGNITUDE
+    return 2.0 * (shifted.to(dtype).double() - shifted).abs().max().item()
 
 
 def assert_close_to_golden(
@@ -25,16 +52,21 @@ def assert_close_to_golden(
     eager: torch.Tensor,
     golden: torch.Tensor,
     *,
-    factor: float = 4.0,
+    factor: float = 2.0,
     what: str = "",
 ) -> None:
-    """Assert ``max|actual - golden| <= factor * max|eager - golden| + floor(dtype)``.
+    """Assert ``max|actual - golden| <= factor * max|eager - golden| + rounding_floor(golden, dtype)``.
 
     Args:
         actual: result of the code under test.
-        eager: the same computation done plainly in the same dtype (the error budget).
+        eager: the same computation done plainly in ``actual``'s dtype (the error budget).
         golden: fp64 (or fp32) reference.
+        factor: how many times the eager error the code under test may reach (2, as
+            FlashAttention's tests).
         what: description of shape/dtype for the failure message.
+
+    Non-finite values (e.g. -inf LSE of rows that attend nothing) must sit exactly where
+    the golden's are.
     """
     if actual.shape != golden.shape:
         raise AssertionError(f"{what}: shape {tuple(actual.shape)} != golden {tuple(golden.shape)}")
@@ -43,13 +75,16 @@ def assert_close_to_golden(
     if not torch.equal(torch.isfinite(a), finite):
         bad = (torch.isfinite(a) != finite).nonzero()[:5].tolist()
         raise AssertionError(f"{what}: non-finite pattern differs from golden at {bad}")
+    if not torch.equal(a[~finite], g[~finite]):
+        raise AssertionError(f"{what}: non-finite values differ from golden (e.g. +inf for -inf)")
     err = (a - g)[finite].abs().max().item() if finite.any() else 0.0
     budget = (e - g)[finite].abs().max().item() if finite.any() else 0.0
-    tol = factor * budget + _FLOOR.get(actual.dtype, 1e-5)
+    floor = rounding_floor(golden, actual.dtype)
+    tol = factor * budget + floor
     if not (err <= tol):
         raise AssertionError(
-            f"{what}: max error {err:.3e} exceeds {factor} x eager error {budget:.3e} + floor "
-            f"{_FLOOR.get(actual.dtype, 1e-5):.1e} (= {tol:.3e}); dtype={actual.dtype}, shape={tuple(actual.shape)}"
+            f"{what}: max error {err:.3e} exceeds {factor} x eager error {budget:.3e} + rounding floor "
+            f"{floor:.1e} (= {tol:.3e}); dtype={actual.dtype}, shape={tuple(actual.shape)}"
         )
 
 
@@ -83,8 +118,3 @@ def relative_l1(actual: torch.Tensor, reference: torch.Tensor) -> float:
 def random_sweep_size(default: int = 4) -> int:
     """Number of cases of seeded random sweeps (``SPARSEGEN_SWEEP`` overrides)."""
     return int(os.environ.get("SPARSEGEN_SWEEP", default))
-
-
-def poison_(t: torch.Tensor, value: Optional[float] = None) -> torch.Tensor:
-    """Fill a tensor with NaN (or ``value``) so unwritten elements fail comparisons."""
-    return t.fill_(float("nan") if value is None else value)

@@ -31,7 +31,9 @@ def test_generate_compare_dense_writes_videos_and_summary(tmp_path):
     assert len(summary["step_density"]) == 6
     for stage in (summary["step_density"][:3], summary["step_density"][3:]):
         assert stage[0] == 1.0 and all(0.0 < d < 1.0 for d in stage[1:])
-    assert summary["speedup"] > 0 and np.isfinite(summary["psnr_vs_dense"]) and summary["psnr_vs_dense"] > 10
+    assert summary["speedup"] == pytest.approx(summary["dense_seconds"] / summary["seconds"], rel=1e-12)
+    assert summary["seconds"] >= sum(summary["step_seconds"]) * (1 - 1e-9)
+    assert np.isfinite(summary["psnr_vs_dense"]) and summary["psnr_vs_dense"] > 10
     # The left half of the side-by-side video is the dense run, the right half the sparse one.
     assert psnr(side[:, :, 32:].astype(np.float32) / 255, frames.astype(np.float32) / 255) > 40
 

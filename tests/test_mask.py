@@ -159,15 +159,25 @@ def test_transposed_layout_matches_block_matrix():
 
 def test_render_png(tmp_path):
     from PIL import Image
+    import numpy as np
 
     tok = _random_token_mask(1, 2, 256, 256, 0.02, seed=4)
+    g = torch.Generator().manual_seed(5)
+    kind = torch.randint(0, 3, (2, 8, 8), generator=g)  # per block: 0 cleared (but the diagonal), 1 full, 2 random
+    cells = kind.repeat_interleave(32, 1).repeat_interleave(32, 2)[None]
+    tok = torch.where(cells == 1, True, torch.where(cells == 0, torch.eye(256, dtype=torch.bool), tok))
     m = BlockSparseMask.from_dense(tok, q_block_size=32, kv_block_size=32)
+    st = m.block_state()[0]
+    assert set(st.unique().tolist()) == {0, 1, 2}, "the case must hold skipped, full and partial blocks"
     path = m.render(str(tmp_path / "m.png"))
-    img = Image.open(path)
-    assert img.size[1] == 8 * 8 and img.size[0] == 2 * 8 * 8 + 4
-    arr = torch.tensor(list(img.getdata())).view(img.size[1], img.size[0])
-    st = m.block_state()[0, 0]
-    assert int(arr[0, 0]) == {0: 0, 1: 255, 2: 128}[int(st[0, 0])]
+    with Image.open(path) as img:
+        arr = np.asarray(img)
+    # Two 8 x 8 block panels at 8 pixels per block, 4 grey pixels apart; every pixel is
+    # its block's state: black skipped, white full, grey partial.
+    colour = torch.tensor([0, 255, 128], dtype=torch.uint8)
+    panels = [colour[st[h].long()].repeat_interleave(8, 0).repeat_interleave(8, 1).numpy() for h in range(2)]
+    expected = np.concatenate([panels[0], np.full((64, 4), 64, dtype=np.uint8), panels[1]], axis=1)
+    assert arr.shape == expected.shape and np.array_equal(arr, expected)
 
 
 def test_select_heads_and_device_cache():

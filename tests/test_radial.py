@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import random
-import time
 
 import pytest
 import torch
@@ -128,16 +127,6 @@ def test_published_sparsities(name, frames, tpf, expected):
     nb = frames * tpf // 128
     assert mask.shape == (1, 1, nb, nb)
     assert abs(mask.sparsity() - expected) <= 0.005, f"{name}: sparsity {mask.sparsity():.4f}, paper {expected}"
-
-
-def test_build_time_hunyuan_509_frames():
-    best = math.inf
-    for _ in range(2):
-        t0 = time.perf_counter()
-        radial_block_mask(frames=128, tokens_per_frame=3600, block_size=128, decay_factor=1.0)
-        best = min(best, time.perf_counter() - t0)
-    # Measured ~0.2 s on a shared 2-core CPU; the requirement is 1 s, the bound is generous.
-    assert best < 3.0, f"radial_block_mask(128 x 3600) took {best:.2f} s"
 
 
 # ------------------------------------------------------------------- the mask
