@@ -7,12 +7,12 @@ For each available method (``sparsegen.available_methods()``; ``dense`` through 
 plugin is the control and must reproduce the unpatched model exactly) and a sweep of
 settings that change its density:
 
-* video-level: PSNR and SSIM (11 x 11 Gaussian, ``sparsegen.toy.metrics``) of the
+* video-level: PSNR and SSIM (11 x 11 Gaussian, ``toylab.metrics``) of the
   sparse generation against the dense one with the same seeds, on a fixed prompt set;
   LPIPS only when a network for it is available offline (it is not: reported as such);
 * attention-level: per layer, the relative L1 error ``sum|o_sparse - o_dense| /
   sum|o_dense|`` of the method's attention output against exact attention on the *same*
-  q, k, v, recorded from the dense generation (``sparsegen.toy.probe``) at three
+  q, k, v, recorded from the dense generation (``toylab.probe``) at three
   denoising steps, with the method's layer/step schedule applied as in the generation;
 * density: the mean over denoising steps of ``handle.step_densities()`` (the share of
   (query block, key block) pairs computed, dense layers and steps counting 1), the mean
@@ -46,12 +46,12 @@ import numpy as np
 import torch
 
 import sparsegen
-from sparsegen.methods import get_method
+from sparsegen.methods import config_class
 from sparsegen.patching import make_config
 from sparsegen.toy import pipeline as toy
 from sparsegen.toy.data import evaluation_specs
-from sparsegen.toy.metrics import measure_video, psnr, ssim
-from sparsegen.toy.probe import dense_attention, record_attention_inputs
+from toylab.metrics import measure_video, psnr, ssim
+from toylab.probe import dense_attention, record_attention_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,7 +100,7 @@ def methods_available() -> tuple[list[str], dict[str, str]]:
     ok, missing = [], {}
     for name in sparsegen.available_methods():
         try:
-            get_method(name)
+            config_class(name)
             ok.append(name)
         except ImportError as exc:
             missing[name] = f"{type(exc).__name__}: {exc}"
@@ -134,22 +134,21 @@ def _jsonable(x):
 
 def static_token_density(method_name: str, options: dict, geometry) -> float | None:
     """Share of (query, key) token pairs a static mask attends; None for dynamic methods."""
-    _, method_cls = get_method(method_name)
-    method = method_cls(make_config(method_name, **options))
+    method = make_config(method_name, **options).make_method()
+    if not method.has_static_mask:
+        return None
     n = geometry.num_tokens
-    if hasattr(method, "attended_pairs"):
-        return method.attended_pairs(geometry) / float(n * n)
-    if hasattr(method, "mask_for"):
-        return method.mask_for(geometry).token_density()
-    return None
+    pairs = method.attended_pairs(geometry)
+    if pairs is not None:
+        return pairs / float(n * n)
+    return method.static_mask(geometry).token_density()
 
 
 def attention_errors(method_name: str, options: dict, records) -> dict[int, float]:
     """Relative L1 error per layer of the method's attention against exact attention on
     recorded q, k, v, with the config's dense layers and steps applied."""
     config = make_config(method_name, **options)
-    _, method_cls = get_method(method_name)
-    method = method_cls(config)
+    method = config.make_method()
     num, den = {}, {}
     for r in records:
         exact, _ = dense_attention(r.q, r.k, r.v)
@@ -165,7 +164,7 @@ def attention_errors(method_name: str, options: dict, records) -> dict[int, floa
 def densities(handle) -> dict:
     """Mean over steps of the per-step density (dense calls count 1), and over sparse calls only."""
     per_step = [d for _, d in handle.step_densities()]
-    sparse_sum = sum(s["density_sum"] - s["dense_calls"] for s in handle.step_stats)
+    sparse_sum = float(sum(s["density_sum"] - s["dense_calls"] for s in handle.step_stats))
     sparse_calls = sum(s["sparse_calls"] for s in handle.step_stats)
     return {"effective_density": float(np.mean(per_step)) if per_step else 1.0,
             "sparse_call_density": sparse_sum / sparse_calls if sparse_calls else None}
@@ -422,7 +421,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"{len(result['long_prompts'])} prompts, radial options {json.dumps(LONG_RADIAL)}, same steps and seeds. "
         "Prompt following = share of videos whose measured colour / motion direction match the prompt "
-        "(`sparsegen.toy.metrics.measure_video`).",
+        "(`toylab.metrics.measure_video`).",
         "",
         "| frames | latent tokens | radial density | PSNR (dB) | SSIM | dense time (s) | radial time (s) | "
         "colour / direction (dense) | colour / direction (radial) |",

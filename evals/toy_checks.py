@@ -8,7 +8,7 @@
 1. Prompt following. For a fixed prompt set, dense generations of the trained model, of
    the same architecture at its random initialisation (baseline) and the generator's own
    videos for the same prompts (the ceiling of each check) are read back with
-   ``sparsegen.toy.metrics.measure_video``: dominant colour, direction of motion, object
+   ``toylab.metrics.measure_video``: dominant colour, direction of motion, object
    count, background texture (nearest-centroid classifier fitted on separate real
    videos), plus speed and foreground share against the ground truth, and motion
    consistency: the share of frames showing an object, how far the object's track
@@ -20,7 +20,7 @@
    of that prediction against the clean video says what the model learned at each noise
    level, independently of the sampler.
 3. Attention locality. During the trained and the untrained model's generations the q
-   and k of every self-attention layer are recorded (``sparsegen.toy.probe``) and the
+   and k of every self-attention layer are recorded (``toylab.probe``) and the
    softmax attention mass is binned by temporal distance (latent frames) and spatial
    Chebyshev distance (tokens); the summary is the mass on the 3 x 3 x 3 token
    neighbourhood divided by its share under uniform attention (1 = no locality).
@@ -58,8 +58,8 @@ from sparsegen.toy import pipeline as toy
 from sparsegen.toy.data import (
     BACKGROUNDS, COLOURS, COUNT_WORDS, DIRECTIONS, SEED_RANGES, SHAPES, PromptSpec, evaluation_specs, render_video,
 )
-from sparsegen.toy.metrics import measure_video, psnr
-from sparsegen.toy.probe import locality_profile, record_attention_inputs
+from toylab.metrics import measure_video, psnr
+from toylab.probe import locality_profile, record_attention_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 CHANCE = {"colour": 1 / len(COLOURS), "direction": 1 / len(DIRECTIONS), "count": 1 / 3, "background": 1 / len(BACKGROUNDS)}

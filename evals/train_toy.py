@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sparsegen.toy.pipeline import ASSET_DIR
-from sparsegen.toy.train import TrainConfig, train, write_model_card
+from toylab.train import TrainConfig, train, write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@
 
 import sys
 
-from sparsegen.generate import main
+from sparsegen.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

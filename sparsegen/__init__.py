@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-from .kernels import BlockSparseMask, QuantConfig, block_sparse_attention
-from .methods import available_methods, config_from_dict, register_method
+from .kernels import Backend, BlockSparseMask, QuantConfig, block_sparse_attention
+from .methods import MethodConfig, SparseAttentionMethod, available_methods, config_from_dict, register_method
 from .patches import supported_models
 from .patching import SparseHandle, apply
 
@@ -34,6 +34,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "BlockSparseMask", "QuantConfig", "block_sparse_attention", "apply", "SparseHandle", "supported_models",
-    "available_methods", "config_from_dict", "register_method", *_LAZY, "__version__",
+    "Backend", "BlockSparseMask", "QuantConfig", "block_sparse_attention", "apply", "SparseHandle",
+    "supported_models", "MethodConfig", "SparseAttentionMethod", "available_methods", "config_from_dict",
+    "register_method", *_LAZY, "__version__",
 ]

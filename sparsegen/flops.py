@@ -19,15 +19,12 @@ attention. MoBA-style attention with chunk size ``c`` and top-k costs the gating
 40 and 60 blocks with ``k = 0.18 x blocks``: 40.48 T at 13,440 and 248.39 T at 56,160.
 ``sparsegen flops --paper`` prints these next to the published values. Methods with a
 static mask are counted from the mask itself (every visited block in full), e.g.
-``sparsegen flops --latent 30,48,80 --method gna --options '{"kernel_size": [18, 24, 24], "stride": [16, 8, 8]}'``.
+``sparsegen flops --latent 30,48,80 --method gna --kernel-size 18,24,24 --stride 16,8,8``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -46,7 +43,7 @@ __all__ = [
     "transformer_flops",
     "method_mask",
     "method_transformer_flops",
-    "add_cli",
+    "paper_table",
 ]
 
 TERA = 1e12
@@ -217,11 +214,8 @@ def vmoba_transformer_flops(spec: TransformerSpec, num_tokens: int, *, blocks: S
 
 
 def _static_method(config, geometry):
-    from .methods import get_method
-
-    _, method_cls = get_method(config.method)
-    method = method_cls(config)
-    if not hasattr(method, "mask_for"):
+    method = config.make_method()
+    if not method.has_static_mask:
         raise ValueError(f"method {config.method!r} has no static mask to count (it selects blocks per call); "
                          "use --method vmoba for VMoBA's theoretical FLOPs")
     method.check_geometry(geometry)
@@ -243,7 +237,7 @@ def method_mask(config, geometry) -> BlockSparseMask:
         ValueError: the method builds its sparsity per call (VMoBA, whose FLOPs are
             :func:`vmoba_attention_flops`) or cannot serve the geometry.
     """
-    return _static_method(config, geometry).mask_for(geometry)
+    return _static_method(config, geometry).static_mask(geometry)
 
 
 def method_transformer_flops(spec: TransformerSpec, config, geometry) -> dict:
@@ -256,47 +250,17 @@ def method_transformer_flops(spec: TransformerSpec, config, geometry) -> dict:
         full, padding included: what a block-sparse kernel computes.
     """
     method = _static_method(config, geometry)
-    mask = method.mask_for(geometry)
+    mask = method.static_mask(geometry)
     per_layer = mask_attention_flops(mask, head_dim=spec.head_dim, heads=spec.heads, batch=1)
-    if hasattr(method, "attended_pairs"):
+    pairs = method.attended_pairs(geometry)
+    if pairs is not None:
         # Masks over a padded token order (GNA's tiles) know the real pairs better than the mask does.
-        attended = 4.0 * spec.head_dim * spec.heads * method.attended_pairs(geometry)
+        attended = 4.0 * spec.head_dim * spec.heads * pairs
     else:
         attended = mask_attention_flops(mask, head_dim=spec.head_dim, heads=spec.heads, batch=1, count="attended")
     out = transformer_flops(spec, geometry.num_tokens, self_attention=per_layer)
     out.update(method=config.method, density=mask.density(), attended_self_attention=attended * spec.num_layers)
     return out
-
-
-# ------------------------------------------------------------------------------ CLI
-_MASK_METHODS = ("radial", "gna")
-
-
-def add_cli(subparsers) -> None:
-    """Add ``sparsegen flops``."""
-    p = subparsers.add_parser(
-        "flops", help="theoretical FLOPs of a transformer pass with dense, VMoBA or block-sparse attention",
-        description="Theoretical FLOPs of one forward pass (batch 1). --paper reproduces VMoBA's published "
-                    "numbers for Wan2.1-1.3B.",
-    )
-    p.add_argument("--model", default="wan2.1-1.3b", choices=sorted(MODELS), help="model sizes (default wan2.1-1.3b)")
-    p.add_argument("--tokens", type=int, nargs="+", default=None, help="video token counts S")
-    p.add_argument("--latent", default=None, help="latent grid T,H,W after patchify (tokens = T*H*W)")
-    p.add_argument("--method", default="all", choices=["all", "full", "vmoba", "sparse", *_MASK_METHODS],
-                   help="attention to count: full, vmoba, sparse (--density of a block-sparse mask), all, or a "
-                        "method whose static mask is built for --latent (radial, gna; options via --options)")
-    p.add_argument("--options", default="{}",
-                   help="JSON object of the method's config fields for --method radial/gna, e.g. "
-                        "'{\"kernel_size\": [18, 24, 24], \"stride\": [16, 8, 8]}'")
-    p.add_argument("--blocks", default=",".join(str(b) for b in VMOBA_FLOPS_BLOCKS),
-                   help="VMoBA blocks per layer kind 1D,2D,3D (default 7,40,60)")
-    p.add_argument("--topk-ratio", type=float, default=VMOBA_FLOPS_TOPK_RATIO,
-                   help="VMoBA selected share of blocks (default 0.18)")
-    p.add_argument("--density", type=float, default=None,
-                   help="for --method sparse/all: fraction of attention computed (a mask's density)")
-    p.add_argument("--paper", action="store_true", help="print the published VMoBA numbers next to ours")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_run_cli)
 
 
 def paper_table(spec: TransformerSpec = MODELS["wan2.1-1.3b"]) -> list[dict]:
@@ -307,97 +271,3 @@ def paper_table(spec: TransformerSpec = MODELS["wan2.1-1.3b"]) -> list[dict]:
         rows.append({"method": method, "tokens": s, "tflops": ours, "published_tflops": published,
                      "rel_diff": ours / published - 1.0})
     return rows
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    spec = MODELS[args.model]
-    try:
-        if args.paper:
-            rows = paper_table(spec)
-            if args.json:
-                print(json.dumps({"model": asdict(spec), "rows": rows}))
-            else:
-                print(f"VMoBA theoretical FLOPs, {spec.name}, batch 1 (ours vs published)")
-                for r in rows:
-                    print(f"  {r['method']:>5} S={r['tokens']:>6}: {r['tflops']:8.2f} T  published "
-                          f"{r['published_tflops']:8.2f} T  ({100 * r['rel_diff']:+.2f}%)")
-            return 0
-        if args.method in _MASK_METHODS:
-            return _run_method_cli(args, spec)
-        tokens = list(args.tokens or [])
-        if args.latent:
-            t, h, w = _latent(args.latent)
-            tokens.append(t * h * w)
-        if not tokens:
-            raise ValueError("give --tokens S [S ...], --latent T,H,W or --paper")
-        try:
-            blocks = tuple(float(x) for x in args.blocks.split(","))
-        except ValueError:
-            raise ValueError(f"--blocks must be comma-separated numbers like 7,40,60, got {args.blocks!r}") from None
-        if args.method == "sparse" and args.density is None:
-            raise ValueError("--method sparse needs --density (e.g. the density `sparsegen mask ...` prints)")
-        if args.density is not None and not 0 < args.density <= 1:
-            raise ValueError(f"--density must be in (0, 1], got {args.density}")
-        rows = []
-        for s in tokens:
-            row = {"tokens": s, "full": transformer_flops(spec, s)["total"]}
-            if args.method in ("all", "vmoba"):
-                row["vmoba"] = vmoba_transformer_flops(spec, s, blocks=blocks, topk_ratio=args.topk_ratio)["total"]
-            if args.density is not None:
-                row["sparse"] = transformer_flops(
-                    spec, s, self_attention=args.density * dense_attention_flops(s, s, spec.dim))["total"]
-            if args.method == "vmoba" or args.method == "sparse":
-                row = {k: v for k, v in row.items() if k in ("tokens", "full", args.method)}
-            rows.append(row)
-    except ValueError as e:
-        print(f"sparsegen flops: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"model": asdict(spec), "rows": rows}))
-        return 0
-    for r in rows:
-        parts = [f"S={r['tokens']}", f"full {r['full'] / TERA:.2f} T"]
-        for key in ("vmoba", "sparse"):
-            if key in r:
-                parts.append(f"{key} {r[key] / TERA:.2f} T ({r['full'] / r[key]:.2f}x fewer)")
-        print(f"{spec.name}: " + ", ".join(parts))
-    return 0
-
-
-def _latent(text: Optional[str]) -> tuple[int, int, int]:
-    try:
-        t, h, w = (int(x) for x in text.split(","))
-    except (AttributeError, ValueError):
-        raise ValueError(f"--latent must be three comma-separated ints T,H,W (tokens after patchify), got {text!r}") \
-            from None
-    return t, h, w
-
-
-def _run_method_cli(args: argparse.Namespace, spec: TransformerSpec) -> int:
-    """``sparsegen flops --method radial|gna --latent T,H,W --options JSON``."""
-    from .methods import AttentionGeometry, get_method
-
-    if args.latent is None:
-        raise ValueError(f"--method {args.method} builds the method's mask for a token grid: give --latent T,H,W")
-    geometry = AttentionGeometry(*_latent(args.latent))
-    try:
-        options = json.loads(args.options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--options must be a JSON object, got {args.options!r} ({e.msg})") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"--options must be a JSON object, got {args.options!r}")
-    cfg_cls, _ = get_method(args.method)
-    config = cfg_cls.from_dict({"method": args.method, **options})
-    res = method_transformer_flops(spec, config, geometry)
-    full = transformer_flops(spec, geometry.num_tokens)["total"]
-    row = {"tokens": geometry.num_tokens, "latent": list(geometry.grid), "full": full, args.method: res["total"],
-           "density": res["density"], "self_attention": res["self_attention"],
-           "attended_self_attention": res["attended_self_attention"], "config": config.to_dict()}
-    if args.json:
-        print(json.dumps({"model": asdict(spec), "rows": [row]}))
-        return 0
-    print(f"{spec.name}: S={row['tokens']} (latent {args.latent}), full {full / TERA:.2f} T, {args.method} "
-          f"{res['total'] / TERA:.2f} T ({full / res['total']:.2f}x fewer); mask density {res['density']:.4f}, "
-          f"self-attention {res['self_attention'] / TERA:.2f} T computed, "
-          f"{res['attended_self_attention'] / TERA:.2f} T attended")
-    return 0

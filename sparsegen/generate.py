@@ -1,128 +1,54 @@
-"""``sparsegen generate``: make a video with a sparse-attention method, optionally against dense.
+"""Make a video with a sparse-attention method, optionally against dense (the library
+behind ``sparsegen generate``; its command line is :mod:`sparsegen.cli.generate`).
 
-    sparsegen generate                                   # the built-in small model, offline
-    sparsegen generate --method radial --decay-factor 0.5 --dense-steps 2 --compare-dense
-    sparsegen generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 81 --height 480 --width 832
-
-Any option of the chosen method's config is accepted as ``--option-name VALUE``
-(``sparsegen generate --method radial --help-method`` lists them).
+    >>> summary = generate_video(method="radial", options={"dense_steps": 2}, compare_dense=True, out="demo.mp4")
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
 import os
-import sys
 import time
-import typing
 from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["add_cli", "main", "generate_video", "psnr", "write_video"]
+__all__ = ["generate_video", "method_config", "psnr", "write_video", "DEFAULT_MODEL", "DEFAULT_METHOD"]
 
 DEFAULT_MODEL = "toy"
+DEFAULT_METHOD = "radial"
 
 
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate a video with sparse attention (default: built-in model)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    p.set_defaults(func=_run_cli)
+def method_config(method: str, *, preset: Optional[str] = None, options: Optional[dict] = None,
+                  model_presets: Optional[dict] = None, log=print):
+    """The config of ``method``: a named preset (or the model's own preset for the method,
+    from ``model_presets``), with each field the user gave in ``options`` overriding that
+    field only. Says what it combined through ``log``.
 
+    Raises:
+        ValueError: unknown method, preset or option, or an invalid value (the message
+            names the field).
+    """
+    from .methods import config_class
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="'toy' (built-in small model, offline), a local pipeline folder or a hub id")
-    p.add_argument("--method", default="radial", help="sparse method (sparsegen.available_methods()) or 'dense'")
-    p.add_argument("--config", default=None, help="method config as JSON (a file path or a JSON string)")
-    p.add_argument("--prompt", default=None, help="text prompt (default: the model's example prompt)")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--frames", type=int, default=None, help="video frames (default: the model's)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--out", default="video.mp4", help="output mp4 path")
-    p.add_argument("--compare-dense", action="store_true",
-                   help="also run dense attention: report speedup and PSNR, write a side-by-side video")
-    p.add_argument("--json", default=None, help="write a JSON summary to this path")
-    p.add_argument("--help-method", action="store_true", help="list the chosen method's options and exit")
-
-
-def _field_type(cfg_cls, f: dataclasses.Field):
-    hints = typing.get_type_hints(cfg_cls)
-    return hints.get(f.name, str)
-
-
-def _convert(value: str, typ, name: str):
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if typ is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name.replace('_', '-')} expects true/false, got {value!r}")
-    if typ is int:
-        return int(value)
-    if typ is float:
-        return float(value)
-    if origin is typing.Union or (origin is not None and type(None) in args) or args:
-        # Union[int, tuple[int, ...]] etc.: try int, then comma list, then float, then string.
-        if "," in value:
-            return tuple(int(x) for x in value.split(",") if x.strip())
-        for conv in (int, float):
-            try:
-                return conv(value)
-            except ValueError:
-                pass
-        return value
-    if isinstance(typ, type) and issubclass(typ, str):
-        return typ(value)
-    return value
-
-
-def method_options_from_argv(method: str, extra: list[str]) -> dict:
-    """Turn ``--decay-factor 0.5 --dense-steps 2`` into config keyword arguments."""
-    from .methods import get_method
-
-    cfg_cls, _ = get_method(method)
-    fields = {f.name: f for f in dataclasses.fields(cfg_cls) if f.name != "version"}
-    opts, i = {}, 0
-    while i < len(extra):
-        tok = extra[i]
-        if not tok.startswith("--"):
-            raise ValueError(f"unexpected argument {tok!r}")
-        name = tok[2:]
-        value = None
-        if "=" in name:
-            name, value = name.split("=", 1)
-        key = name.replace("-", "_")
-        if key not in fields:
-            valid = ", ".join("--" + n.replace("_", "-") for n in sorted(fields))
-            raise ValueError(f"method '{method}' has no option --{name}; its options are: {valid}")
-        typ = _field_type(cfg_cls, fields[key])
-        if value is None:
-            if typ is bool and (i + 1 >= len(extra) or extra[i + 1].startswith("--")):
-                value = "true"
-            else:
-                if i + 1 >= len(extra):
-                    raise ValueError(f"--{name} needs a value")
-                value = extra[i + 1]
-                i += 1
-        opts[key] = _convert(value, typ, key)
-        i += 1
-    return opts
+    cfg_cls = config_class(method)
+    options = dict(options or {})
+    if preset is not None:
+        base, source = dict(cfg_cls.presets.get(preset, {})), f"preset {preset!r}"
+        if preset not in cfg_cls.presets:
+            raise ValueError(f"method {method!r} has no preset {preset!r}; presets: {sorted(cfg_cls.presets)}")
+    elif model_presets and method in model_presets:
+        base, source = dict(model_presets[method]), "the built-in model's preset"
+    else:
+        base, source = {}, ""
+    cfg = cfg_cls.from_dict({"method": method, **base, **options})
+    if source:
+        kept = {k: v for k, v in base.items() if k not in options}
+        words = ", ".join(f"{k}={v}" for k, v in kept.items()) or "nothing (every field overridden)"
+        mine = (" and your " + ", ".join(f"{k}={v}" for k, v in options.items())) if options else ""
+        log(f"[sparsegen] {method}: {source} ({words}){mine}")
+    return cfg
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -163,7 +89,7 @@ class _Model:
                              "height": toy.DEFAULT_HEIGHT, "width": toy.DEFAULT_WIDTH,
                              "steps": toy.DEFAULT_NUM_INFERENCE_STEPS, "guidance": toy.DEFAULT_GUIDANCE_SCALE,
                              "fps": 8}
-            self.method_options = toy.RECOMMENDED_METHOD_OPTIONS
+            self.presets = toy.PRESETS
             self._toy = toy
             self.steps_note = (" in each of two stages (a video, then its later frames again continuing its first)"
                                if self.pipe.toy_sampler == "first-frame" else "")
@@ -175,7 +101,7 @@ class _Model:
             self.pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype).to(device)
             self.defaults = {"prompt": "a cat walking through tall grass, cinematic", "frames": 33, "height": 480,
                              "width": 832, "steps": 30, "guidance": 5.0, "fps": 16}
-            self.method_options = {}
+            self.presets = {}
             self._toy = None
             self.steps_note = ""
         self.pipe.set_progress_bar_config(disable=False, leave=False)
@@ -227,8 +153,9 @@ def _timed_run(model: _Model, settings: dict, handle=None) -> tuple[np.ndarray, 
 def generate_video(
     *,
     model: str = DEFAULT_MODEL,
-    method: str = "radial",
+    method: str = DEFAULT_METHOD,
     options: Optional[dict] = None,
+    preset: Optional[str] = None,
     config=None,
     prompt: Optional[str] = None,
     negative_prompt: Optional[str] = None,
@@ -247,6 +174,10 @@ def generate_video(
 ) -> dict:
     """Generate one video with a method (and optionally dense) and return a summary dict.
 
+    The method's config is ``config`` when given; otherwise :func:`method_config` of
+    ``method``, ``preset`` and ``options`` (the built-in model brings a preset of its own
+    for each method, which ``options`` override field by field).
+
     The summary holds the settings, per-step seconds and attention density, total
     seconds, and with ``compare_dense`` the dense time, the speedup and the PSNR of the
     sparse video against the dense one.
@@ -263,15 +194,11 @@ def generate_video(
     )
     fps = fps or d.get("fps", 8)
     if config is not None:
+        if options or preset:
+            raise ValueError("pass either a config or a method with a preset and options, not both")
         cfg = config
     else:
-        from .patching import make_config
-
-        if not options and method in m.method_options:
-            options = dict(m.method_options[method])
-            log(f"[sparsegen] {method} options for the built-in model: "
-                + ", ".join(f"{k}={v}" for k, v in options.items()) + " (give any option to choose your own)")
-        cfg = make_config(method, **(options or {}))
+        cfg = method_config(method, preset=preset, options=options, model_presets=m.presets, log=log)
     summary = {"model": model, "method": cfg.to_dict(), "settings": settings, "device": device,
                "dtype": str(torch_dtype).replace("torch.", "")}
 
@@ -312,55 +239,3 @@ def generate_video(
             summary["side_by_side"] = write_video(side, f"{root}_vs_dense{ext or '.mp4'}", fps)
             log(f"[sparsegen] wrote {summary['side_by_side']} (left: dense, right: {cfg.method})")
     return summary
-
-
-def _run_cli(args, extra=None) -> int:
-    extra = extra if extra is not None else getattr(args, "_extra", [])
-    from .methods import get_method
-
-    if args.help_method:
-        cfg_cls, _ = get_method(args.method)
-        print(f"options of method '{args.method}':")
-        for f in dataclasses.fields(cfg_cls):
-            if f.name != "version":
-                print(f"  --{f.name.replace('_', '-'):24s} default {f.default!r}")
-        return 0
-    config = None
-    if args.config:
-        from .methods import config_from_dict
-
-        text = open(args.config).read() if os.path.exists(args.config) else args.config
-        d = json.loads(text)
-        d.setdefault("method", args.method)
-        config = config_from_dict(d)
-        if extra:
-            raise SystemExit("sparsegen generate: pass method options either with --config or as flags, not both")
-        options = None
-    else:
-        try:
-            options = method_options_from_argv(args.method, extra)
-        except ValueError as e:
-            raise SystemExit(f"sparsegen generate: {e}") from None
-    summary = generate_video(
-        model=args.model, method=args.method, options=options, config=config, prompt=args.prompt,
-        negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
-        steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device, dtype=args.dtype,
-        out=args.out, fps=args.fps, compare_dense=args.compare_dense,
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2, default=float)
-    return 0
-
-
-def main(argv=None) -> int:
-    """Entry point of ``python examples/generate.py`` (same options as ``sparsegen generate``)."""
-    p = argparse.ArgumentParser(prog="generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    args, extra = p.parse_known_args(argv)
-    return _run_cli(args, extra)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

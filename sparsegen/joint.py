@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 
-from .kernels import BlockSparseMask, block_sparse_attention
 from .methods.base import AttentionCall, SparseAttentionMethod
 
 __all__ = ["sparse_self_attention", "merge_partial_attention"]
@@ -39,11 +38,39 @@ def merge_partial_attention(out_a, lse_a, out_b, lse_b):
     return out.to(out_a.dtype), lse
 
 
-def _dense_with_lse(q, k, v, backend: str):
-    """Dense attention with LSE through the engine (a full block mask), any lengths."""
-    mask = BlockSparseMask.full(q_len=q.shape[1], kv_len=k.shape[1], q_block_size=128, kv_block_size=128,
-                                device=q.device)
-    return block_sparse_attention(q, k, v, mask, return_lse=True, backend=backend)
+# Video queries per chunk of the video->text attention: bounds its (B, H, chunk, Nt)
+# score tensor (HunyuanVideo: Nv ~ 120k video tokens, Nt = 256 text tokens).
+_TEXT_QUERY_CHUNK = 8192
+
+
+def _attend_text_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor]):
+    """Dense attention of many queries over a few keys, with padded keys masked.
+
+    Args:
+        q: (B, Nq, H, D); k, v: (B, Nk, H, D); key_valid: bool (B, Nk) or None.
+    Returns:
+        out (B, Nq, H, D) in q's dtype and lse fp32 (B, H, Nq) (-inf and out 0 where no key is valid).
+
+    Plain tensor operations, no host reads: the validity masks the scores instead of
+    slicing the keys per sample.
+    """
+    scale = q.shape[-1] ** -0.5
+    kh, vh = k.transpose(1, 2).float(), v.transpose(1, 2).float()  # (B, H, Nk, D)
+    bias = None
+    if key_valid is not None:
+        bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=q.device).masked_fill(
+            ~key_valid, float("-inf"))[:, None, None, :]
+    outs, lses = [], []
+    for start in range(0, q.shape[1], _TEXT_QUERY_CHUNK):
+        qh = q[:, start:start + _TEXT_QUERY_CHUNK].transpose(1, 2).float()
+        s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+        if bias is not None:
+            s = s + bias
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)[..., None])
+        outs.append(torch.matmul(p, vh).transpose(1, 2).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 2)
 
 
 def sparse_self_attention(
@@ -78,28 +105,14 @@ def sparse_self_attention(
         return out
     qv, kv, vv = q[:, :nv], k[:, :nv], v[:, :nv]
     out_vv, lse_vv = method.attention(qv, kv, vv, call)
-    outs_v, outs_t = [], []
-    for b in range(q.shape[0]):
-        kt, vt = k[b:b + 1, nv:], v[b:b + 1, nv:]
-        if text_key_valid is not None:
-            n_valid = int(text_key_valid[b].sum())
-            if not bool(text_key_valid[b, :n_valid].all()):
-                # Only right padding keeps valid text contiguous; gather otherwise.
-                idx = text_key_valid[b].nonzero().squeeze(1)
-                kt, vt = kt[:, idx], vt[:, idx]
-            else:
-                kt, vt = kt[:, :n_valid], vt[:, :n_valid]
-        if kt.shape[1] > 0:
-            o_vt, lse_vt = _dense_with_lse(qv[b:b + 1], kt, vt, call.backend)
-            o_v, _ = merge_partial_attention(out_vv[b:b + 1], lse_vv[b:b + 1], o_vt, lse_vt)
-        else:
-            o_v = out_vv[b:b + 1]
-        outs_v.append(o_v)
-        # Text queries: dense over all valid keys.
-        keys = torch.cat([kv[b:b + 1], kt], 1)
-        vals = torch.cat([vv[b:b + 1], vt], 1)
-        o_t = torch.nn.functional.scaled_dot_product_attention(
-            q[b:b + 1, nv:].transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2)
-        ).transpose(1, 2)
-        outs_t.append(o_t)
-    return torch.cat([torch.cat(outs_v, 0), torch.cat(outs_t, 0).to(q.dtype)], 1)
+    out_vt, lse_vt = _attend_text_keys(qv, k[:, nv:], v[:, nv:], text_key_valid)
+    out_v, _ = merge_partial_attention(out_vv, lse_vv, out_vt, lse_vt)
+    # Text queries: dense over every video key and every valid text key.
+    key_mask = None
+    if text_key_valid is not None:
+        video_ok = torch.ones(q.shape[0], nv, dtype=torch.bool, device=q.device)
+        key_mask = torch.cat([video_ok, text_key_valid], 1)[:, None, None, :]
+    out_t = torch.nn.functional.scaled_dot_product_attention(
+        q[:, nv:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask
+    ).transpose(1, 2)
+    return torch.cat([out_v, out_t.to(q.dtype)], 1)

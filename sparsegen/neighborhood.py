@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -40,7 +39,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .kernels import BlockSparseMask, block_sparse_attention
-from .tiling import TileLayout, _axis_tiling, _broadcast, _check_grid, tile_layout
+from .tiling import TileLayout, _axis_tiling, _broadcast, check_grid, tile_layout
 
 __all__ = [
     "NeighborhoodSpec",
@@ -48,7 +47,6 @@ __all__ = [
     "axis_neighborhood_mask",
     "neighborhood_mask",
     "neighborhood_layout",
-    "gna_mask",
     "choose_tiles",
     "neighborhood_attention",
 ]
@@ -79,7 +77,7 @@ class NeighborhoodSpec:
             ValueError: ``kernel_size * dilation > axis length``, ``stride > kernel_size``,
                 non-positive values, or a per-axis value with the wrong number of entries.
         """
-        g = _check_grid(grid)
+        g = check_grid(grid)
         nd = len(g)
         k = _broadcast("kernel_size", kernel_size, nd)
         s = _broadcast("stride", stride, nd)
@@ -444,18 +442,6 @@ def _layout_cached(spec: NeighborhoodSpec, q_tile, kv_tile, device: str) -> GNAL
     return GNALayout(spec, q_layout, kv_layout, mask, q_tile, kv_tile, attended)
 
 
-def gna_mask(grid: IntOrSeq, kernel_size: IntOrSeq, stride: IntOrSeq = 1, dilation: IntOrSeq = 1,
-             is_causal: BoolOrSeq = False, *, tile: Optional[IntOrSeq] = None, kv_tile: Optional[IntOrSeq] = None,
-             device: Union[str, torch.device] = "cpu") -> BlockSparseMask:
-    """The GNA :class:`BlockSparseMask` over tiled tokens (see :func:`neighborhood_layout`).
-
-    Inputs to ``block_sparse_attention`` with this mask must be permuted with the
-    layout's ``q_layout`` / ``kv_layout`` first; :func:`neighborhood_attention` does it.
-    """
-    return neighborhood_layout(grid, kernel_size, stride, dilation, is_causal, tile=tile, kv_tile=kv_tile,
-                               device=device).mask
-
-
 def neighborhood_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -516,20 +502,3 @@ def neighborhood_attention(
     if return_lse:
         return out, layout.q_layout.invert(lse, dim=2)
     return out
-
-
-def mask_report_text(stats: dict, chosen: bool) -> str:
-    how = "chosen automatically for the least wasted work" if chosen else "given"
-    return (
-        f"GNA grid={tuple(stats['grid'])} kernel={tuple(stats['kernel_size'])} stride={tuple(stats['stride'])} "
-        f"dilation={tuple(stats['dilation'])} causal={tuple(stats['is_causal'])}\n"
-        f"  tile q={tuple(stats['tile'])} kv={tuple(stats['kv_tile'])}, {how}; blocks "
-        f"({stats['q_block_size']}, {stats['kv_block_size']})\n"
-        f"  density {stats['density']:.4f} (token density {stats['token_density']:.4f}); "
-        f"{stats['full_blocks']} full blocks, {stats['partial_blocks']} partial blocks\n"
-        f"  speedup bound {stats['speedup_bound']:.2f}x over dense attention"
-    )
-
-
-def stats_json(stats: dict) -> str:
-    return json.dumps(stats, sort_keys=True)

@@ -7,31 +7,36 @@ One interception mechanism serves every adapter:
   forwards every call unchanged to the original unless the current call comes from a
   layer a handle patched.
 * a forward pre-hook and an always-called forward hook on each patched attention
-  module mark "this layer of this handle is running" in a context variable (so two
-  pipelines in one process, threads and re-entrancy are kept apart);
-* a forward pre-hook on each transformer reads the token grid and the timestep from
-  its inputs on every call: masks are never stale, and the denoising step is the
-  number of distinct timesteps seen since the pipeline last set its scheduler's
-  timesteps (classifier-free-guidance passes share a timestep, hence a step).
+  module push and pop "this layer of this handle is running" on a per-thread stack (so
+  two pipelines in one process, threads and re-entrancy are kept apart);
+* a forward pre-hook on each transformer reads the token grid from its inputs on every
+  call (masks are never stale) and has the method prepare that geometry;
+* the denoising step is counted on the pipeline's scheduler: ``set_timesteps`` starts
+  a generation, each ``step`` call ends a denoising step (classifier-free-guidance
+  passes, and Wan 2.2's two transformers, share the step). A bare transformer counts
+  distinct timesteps instead, or is told its step with :meth:`SparseHandle.set_step`.
+
+Nothing on the attention path reads device values back to the host: the schedule is
+decided on the host between steps, and statistics (density) accumulate in device
+tensors until :meth:`SparseHandle.step_densities` is called. So a patched transformer
+compiles with ``torch.compile(fullgraph=True)`` (static shapes; see ``apply``).
 
 All state lives on the :class:`SparseHandle`; ``remove()`` restores every object.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 
 from .joint import sparse_self_attention
-from .methods import MethodConfig, get_method
+from .methods import MethodConfig, SparseAttentionMethod, config_class
 from .methods.base import AttentionCall, AttentionGeometry
 from .patches import ModelAdapter, TextLayout, adapter_for
 
@@ -49,8 +54,18 @@ class _Route:
     module_name: str
 
 
-# The layer currently running (set by module hooks); a context variable keeps threads apart.
-_ACTIVE: contextvars.ContextVar[Optional[_Route]] = contextvars.ContextVar("sparsegen_active_layer", default=None)
+class _RunningLayers(threading.local):
+    """Per thread, the stack of patched layers currently running (innermost last).
+
+    A thread-local object rather than a context variable: torch.compile traces its
+    pushes and pops, so a patched model compiles without graph breaks.
+    """
+
+    def __init__(self):
+        self.stack: list[_Route] = []
+
+
+_RUNNING = _RunningLayers()
 
 
 class _DispatchTrampolines:
@@ -88,15 +103,21 @@ class _DispatchTrampolines:
 
 
 def _make_trampoline(original):
-    sig = inspect.signature(original)
+    # Parameter names in order, read once: binding by hand keeps the call traceable.
+    params = inspect.signature(original).parameters
+    positional = [n for n, p in params.items()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
 
     @functools.wraps(original)
     def sparsegen_dispatch_attention(*args, **kwargs):
-        route = _ACTIVE.get()
-        if route is None or route.handle._removed:
+        stack = _RUNNING.stack
+        if not stack or stack[-1].handle._removed:
             return original(*args, **kwargs)
-        bound = sig.bind(*args, **kwargs)
-        return route.handle._attend(route, original, bound)
+        arguments = dict(defaults)
+        arguments.update(zip(positional, args))
+        arguments.update(kwargs)
+        return stack[-1].handle._attend(stack[-1], original, args, kwargs, arguments)
 
     sparsegen_dispatch_attention.__sparsegen_original__ = original
     return sparsegen_dispatch_attention
@@ -130,9 +151,9 @@ def make_config(method: Union[str, MethodConfig], **options) -> MethodConfig:
             )
         return method
     if not isinstance(method, str):
-        raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
-    cfg_cls, _ = get_method(method)
-    return cfg_cls.from_dict({"method": method, **options})
+        raise TypeError(f"method must be a method name, a MethodConfig or a SparseAttentionMethod, got "
+                        f"{type(method).__name__}")
+    return config_class(method).from_dict({"method": method, **options})
 
 
 class SparseHandle:
@@ -144,24 +165,30 @@ class SparseHandle:
         adapter: the model adapter in use.
         step, num_steps: the current denoising step (0-based) and the generation's total,
             when known.
-        step_stats: per step, {"step", "density", "sparse_calls", "dense_calls"}.
+        step_stats: per step, {"step", "density_sum", "sparse_calls", "dense_calls"};
+            ``density_sum`` may be a device tensor (read it with :meth:`step_densities`).
     """
 
-    def __init__(self, target, config: MethodConfig):
-        self.config = config
-        _, method_cls = get_method(config.method)
-        self.method = method_cls(config)
+    def __init__(self, target, method: SparseAttentionMethod):
+        if not isinstance(method, SparseAttentionMethod):
+            raise TypeError(f"method must be a SparseAttentionMethod, got {type(method).__name__}")
+        self.method = method
+        self.config = method.config
         self._removed = False
         self._hooks: list = []
         self._namespaces: list[dict] = []
-        self._scheduler_patch: Optional[tuple[Any, Any]] = None
+        self._scheduler_patches: list[tuple[Any, str, Any]] = []
         self._transformers: list[torch.nn.Module] = []
         self._pipeline = None
-        # Denoising-step state.
+        # Denoising-step state, decided on the host between steps.
         self.step: Optional[int] = None
         self.num_steps: Optional[int] = None
+        self._step_is_dense = False
+        self._counts_scheduler_steps = False
         self._last_timestep: Optional[float] = None
         self._geometry: dict[int, AttentionGeometry] = {}
+        self._current_transformer = 0
+        self._prepared: set = set()
         self.step_stats: list[dict] = []
         self._install(target)
 
@@ -174,7 +201,7 @@ class SparseHandle:
                     "torch.compile (compile the patched model afterwards)"
                 )
             return [(target, adapter_for(target))]
-        found, adapter, candidates = [], None, []
+        found, candidates = [], []
         for attr in ("transformer", "transformer_2"):
             t = getattr(target, attr, None)
             if t is None:
@@ -186,10 +213,8 @@ class SparseHandle:
                     "torch.compile (compile the patched model afterwards)"
                 )
             a = adapter_for(t)
-            if attr not in a.transformer_attributes:
-                continue
-            found.append((t, a))
-            adapter = a
+            if attr in a.transformer_attributes:
+                found.append((t, a))
         if not found:
             if candidates:
                 raise ValueError(f"{type(target).__name__}: no patchable transformer among {candidates}")
@@ -200,7 +225,6 @@ class SparseHandle:
                 f"{type(target).__name__} has no `transformer` attribute; pass a diffusers pipeline or its "
                 f"transformer. Supported models: {names}"
             )
-        del adapter
         self._pipeline = target
         return found
 
@@ -230,61 +254,91 @@ class SparseHandle:
         self.adapter = adapter
         self._transformers.append(transformer)
         transformer._sparsegen_handle = self
-        num_layers = len(modules)
         for layer, (name, module) in enumerate(modules):
             ns = _processor_namespace(module, name)
             if not any(ns is n for n in self._namespaces):
                 _DispatchTrampolines.acquire(ns)
                 self._namespaces.append(ns)
             route = _Route(self, layer, name)
-            tokens: list = []
 
-            def pre(mod, args, route=route, tokens=tokens):
-                tokens.append(_ACTIVE.set(route))
+            def push(mod, args, route=route):
+                _RUNNING.stack.append(route)
 
-            def post(mod, args, output, tokens=tokens):
-                if tokens:
-                    _ACTIVE.reset(tokens.pop())
+            def pop(mod, args, output, route=route):
+                stack = _RUNNING.stack
+                if stack and stack[-1] is route:
+                    stack.pop()
 
-            self._hooks.append(module.register_forward_pre_hook(pre))
-            self._hooks.append(module.register_forward_hook(post, always_call=True))
-        self._num_layers = num_layers
+            self._hooks.append(module.register_forward_pre_hook(push))
+            self._hooks.append(module.register_forward_hook(pop, always_call=True))
+        self._num_layers = len(modules)
         # The class's signature: instance-level wrappers (e.g. offload hooks) hide it.
         sig = inspect.signature(type(transformer).forward)
+        names = list(sig.parameters)[1:]  # without self
 
-        def read_inputs(mod, args, kwargs, adapter=adapter, sig=sig, tidx=tidx):
-            bound = sig.bind_partial(mod, *args, **kwargs)
-            hs = bound.arguments.get(adapter.hidden_states_arg)
-            ts = bound.arguments.get(adapter.timestep_arg)
+        def read_inputs(mod, args, kwargs, adapter=adapter, names=names, tidx=tidx):
+            arguments = dict(zip(names, args))
+            arguments.update(kwargs)
+            hs = arguments.get(adapter.hidden_states_arg)
             if hs is None:
                 raise ValueError(f"sparsegen: {type(mod).__name__}.forward got no '{adapter.hidden_states_arg}'")
             f, h, w = adapter.token_grid(mod, hs)
-            self._geometry[tidx] = AttentionGeometry(f, h, w)
             self._current_transformer = tidx
-            self.method.check_geometry(self._geometry[tidx])
-            self._advance_step(ts)
+            self._prepare(tidx, f, h, w, str(hs.device))
+            if not self._counts_scheduler_steps:
+                self._step_from_timestep(arguments.get(adapter.timestep_arg))
 
         self._hooks.append(transformer.register_forward_pre_hook(read_inputs, with_kwargs=True))
 
+    @torch.compiler.assume_constant_result
+    def _prepare(self, tidx: int, frames: int, height: int, width: int, device: str) -> bool:
+        """Record the token grid and have the method build what it needs for it.
+
+        Runs eagerly even while torch.compile traces the transformer (its result is a
+        constant), so masks are built once per geometry outside any graph.
+        """
+        geometry = AttentionGeometry(frames, height, width)
+        self._geometry[tidx] = geometry
+        if (geometry, device) not in self._prepared:
+            self.method.check_geometry(geometry)
+            self.method.prepare(geometry, torch.device(device))
+            self._prepared.add((geometry, device))
+        return True
+
     def _patch_scheduler(self) -> None:
         sched = getattr(self._pipeline, "scheduler", None) if self._pipeline is not None else None
-        if sched is None or not hasattr(sched, "set_timesteps"):
+        if sched is None or not (hasattr(sched, "set_timesteps") and hasattr(sched, "step")):
             return
-        original = sched.set_timesteps
-        had_instance_attr = "set_timesteps" in vars(sched)
 
-        @functools.wraps(original)
-        def set_timesteps(*args, **kwargs):
-            result = original(*args, **kwargs)
-            self.reset_schedule()
-            return result
+        def wrap(name, after):
+            original = getattr(sched, name)
+            had_instance_attr = name in vars(sched)
 
-        sched.set_timesteps = set_timesteps
-        self._scheduler_patch = (sched, original if had_instance_attr else None)
+            @functools.wraps(original)
+            def wrapper(*args, **kwargs):
+                result = original(*args, **kwargs)
+                after()
+                return result
+
+            setattr(sched, name, wrapper)
+            self._scheduler_patches.append((sched, name, original if had_instance_attr else None))
+
+        def new_generation():
+            ts = getattr(sched, "timesteps", None)
+            self.reset_schedule(len(ts) if ts is not None else None)
+            self.set_step(0)
+
+        def next_step():
+            if self.step is not None:
+                self.set_step(self.step + 1)
+
+        wrap("set_timesteps", new_generation)
+        wrap("step", next_step)
+        self._counts_scheduler_steps = True
 
     # ----------------------------------------------------------------- schedule
     def reset_schedule(self, num_steps: Optional[int] = None) -> None:
-        """Start a new generation: the next distinct timestep is step 0.
+        """Start a new generation: the next step is step 0.
 
         Pipelines do this automatically (through their scheduler); call it yourself when
         driving a bare transformer, optionally with the number of steps (for
@@ -293,54 +347,62 @@ class SparseHandle:
         self.step = None
         self._last_timestep = None
         self.num_steps = num_steps
+        self._step_is_dense = False
         self.step_stats = []
 
-    def _advance_step(self, timestep) -> None:
+    def set_step(self, step: int, num_steps: Optional[int] = None) -> None:
+        """Set the denoising step of the next transformer calls.
+
+        Pipelines set it through their scheduler. For a bare transformer it is read from
+        the timestep (a host read of that value) unless you call this before each step.
+        """
+        if num_steps is not None:
+            self.num_steps = num_steps
+        self.step = int(step)
+        self._step_is_dense = self.config.step_is_dense(self.step, self.num_steps)
+
+    def _step_from_timestep(self, timestep) -> None:
+        """Bare transformers: a new distinct timestep is a new step (timesteps decrease)."""
         if timestep is None:
             return
         t = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
         if self._last_timestep is None or t > self._last_timestep:
-            # First call of a generation (timesteps decrease while denoising).
             if self._last_timestep is not None:
                 self.reset_schedule()
-            self.step = 0
-            if self.num_steps is None and self._pipeline is not None:
-                ts = getattr(getattr(self._pipeline, "scheduler", None), "timesteps", None)
-                self.num_steps = len(ts) if ts is not None else None
+            self._last_timestep = t
+            self.set_step(0)
         elif t != self._last_timestep:
-            self.step += 1
-        self._last_timestep = t
-        if not self.step_stats or self.step_stats[-1]["step"] != self.step:
-            self.step_stats.append({"step": self.step, "density_sum": 0.0, "sparse_calls": 0, "dense_calls": 0,
-                                    "start": time.perf_counter()})
+            self._last_timestep = t
+            self.set_step(self.step + 1)
 
-    def _record(self, density: float, sparse: bool) -> None:
-        if not self.step_stats:
-            self.step_stats.append({"step": self.step, "density_sum": 0.0, "sparse_calls": 0, "dense_calls": 0,
-                                    "start": time.perf_counter()})
+    def _record(self, density, sparse: bool) -> None:
+        """Add one call's density (a float, or a 0-dim device tensor kept on the device)."""
+        if not self.step_stats or self.step_stats[-1]["step"] != self.step:
+            self.step_stats.append({"step": self.step, "density_sum": 0.0, "sparse_calls": 0, "dense_calls": 0})
         s = self.step_stats[-1]
-        s["density_sum"] += density
+        s["density_sum"] = s["density_sum"] + density
         s["sparse_calls" if sparse else "dense_calls"] += 1
 
     def step_densities(self) -> list[tuple[int, float]]:
-        """(step, mean attention density over the patched layer calls of that step)."""
+        """(step, mean attention density over the patched layer calls of that step).
+
+        Reads the device statistics back to the host: call it between or after
+        generations, not from inside an attention call.
+        """
         out = []
         for s in self.step_stats:
             n = s["sparse_calls"] + s["dense_calls"]
             if n:
-                out.append((s["step"], s["density_sum"] / n))
+                out.append((s["step"], float(s["density_sum"]) / n))
         return out
 
     # ---------------------------------------------------------------- attention
-    def _attend(self, route: _Route, original, bound: inspect.BoundArguments):
-        a = bound.arguments
+    def _attend(self, route: _Route, original, args: tuple, kwargs: dict, a: dict):
         q, k, v = a["query"], a["key"], a["value"]
         cfg = self.config
-        tidx = getattr(self, "_current_transformer", 0)
-        dense = cfg.layer_is_dense(route.layer) or cfg.step_is_dense(self.step, self.num_steps)
-        if dense:
+        if cfg.layer_is_dense(route.layer) or self._step_is_dense:
             self._record(1.0, sparse=False)
-            return original(*bound.args, **bound.kwargs)
+            return original(*args, **kwargs)
         if a.get("dropout_p", 0.0) not in (0, 0.0) or a.get("is_causal", False):
             raise ValueError(f"sparsegen: layer '{route.module_name}' asked for dropout or causal attention, "
                              "which sparse self-attention does not serve; keep it dense with dense_layers")
@@ -356,7 +418,7 @@ class SparseHandle:
                 f"sparsegen: layer '{route.module_name}' is not self-attention ({q.shape[1]} queries, "
                 f"{k.shape[1]} keys); the adapter's module pattern is wrong for this model"
             )
-        geometry = self._geometry.get(tidx)
+        geometry = self._geometry.get(self._current_transformer)
         if geometry is None:
             raise RuntimeError("sparsegen: attention ran before the transformer's forward hook read the token grid")
         text_tokens, text_valid = 0, None
@@ -381,7 +443,7 @@ class SparseHandle:
             num_steps=self.num_steps, head_offset=0, total_heads=q.shape[2], backend=cfg.backend,
         )
         out = sparse_self_attention(self.method, q, k, v, call, text_tokens=text_tokens, text_key_valid=text_valid)
-        self._record(float(call.stats.get("density", 1.0)), sparse=True)
+        self._record(call.stats.get("density", 1.0), sparse=True)
         return out
 
     # ------------------------------------------------------------------- remove
@@ -396,17 +458,17 @@ class SparseHandle:
         for ns in self._namespaces:
             _DispatchTrampolines.release(ns)
         self._namespaces.clear()
-        if self._scheduler_patch is not None:
-            sched, original = self._scheduler_patch
+        for sched, name, original in reversed(self._scheduler_patches):
             if original is None:
-                del sched.set_timesteps
+                delattr(sched, name)
             else:
-                sched.set_timesteps = original
-            self._scheduler_patch = None
+                setattr(sched, name, original)
+        self._scheduler_patches.clear()
         for t in self._transformers:
             if getattr(t, "_sparsegen_handle", None) is self:
                 del t._sparsegen_handle
         self._transformers.clear()
+        self._prepared.clear()
         self.method.clear_cache()
 
     def __enter__(self) -> "SparseHandle":
@@ -432,14 +494,15 @@ def _key_validity(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     return m.expand(batch, seq)
 
 
-def apply(pipe_or_transformer, method: Union[str, MethodConfig], **options) -> SparseHandle:
+def apply(pipe_or_transformer, method: Union[str, MethodConfig, SparseAttentionMethod], **options) -> SparseHandle:
     """Patch a diffusers pipeline (or a bare transformer) with a sparse-attention method.
 
     Args:
         pipe_or_transformer: e.g. a ``WanPipeline`` (both transformers of Wan 2.2 are
             patched) or a ``WanTransformer3DModel``.
-        method: a method name (``sparsegen.available_methods()``) or a config object
-            (``sparsegen.RadialConfig(...)``).
+        method: a method name (``sparsegen.available_methods()``), a config object
+            (``sparsegen.RadialConfig(...)``) or a method object (a
+            ``SparseAttentionMethod``, e.g. one wrapping another to record its calls).
         **options: the method's config fields when ``method`` is a name.
 
     Returns:
@@ -449,11 +512,18 @@ def apply(pipe_or_transformer, method: Union[str, MethodConfig], **options) -> S
     Raises:
         ValueError: unsupported model, invalid options, already patched, already compiled.
 
+    To compile, apply first, then compile the transformer with static shapes
+    (``torch.compile(pipe.transformer, dynamic=False)``): masks are built once per
+    geometry outside the graph, and the attention path never reads device values.
+
     Example::
 
         handle = sparsegen.apply(pipe, "radial", decay_factor=0.2, dense_steps=12, dense_layers=1)
         video = pipe(prompt, num_frames=81).frames[0]
         handle.remove()
     """
-    config = make_config(method, **options)
-    return SparseHandle(pipe_or_transformer, config)
+    if isinstance(method, SparseAttentionMethod):
+        if options:
+            raise TypeError(f"a method object carries its config; options {sorted(options)} cannot be added to it")
+        return SparseHandle(pipe_or_transformer, method)
+    return SparseHandle(pipe_or_transformer, make_config(method, **options).make_method())

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["assert_close_to_golden", "sqnr_db", "cosine", "relative_l1", "random_sweep_size", "rounding_floor", "FP32_GRADIENT_FACTOR"]
+from .methods import MethodConfig, SparseAttentionMethod
+from .methods.base import AttentionCall, AttentionGeometry
+
+__all__ = ["assert_close_to_golden", "sqnr_db", "cosine", "relative_l1", "random_sweep_size", "rounding_floor",
+           "FP32_GRADIENT_FACTOR", "CallRecorder", "RecordedCall"]
 
 # The floor is measured at this magnitude: attention outputs are averages of values of
 # order one, so rounding an output of size ~0.3 or more to the output dtype is the least
@@ -118,3 +122,64 @@ def relative_l1(actual: torch.Tensor, reference: torch.Tensor) -> float:
 def random_sweep_size(default: int = 4) -> int:
     """Number of cases of seeded random sweeps (``SPARSEGEN_SWEEP`` overrides)."""
     return int(os.environ.get("SPARSEGEN_SWEEP", default))
+
+
+class RecordedCall(NamedTuple):
+    """One sparse attention call: where it ran, its inputs and its output (copies)."""
+
+    layer: int
+    step: Optional[int]
+    geometry: AttentionGeometry
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+
+
+class CallRecorder(SparseAttentionMethod):
+    """A method that runs another one and keeps every call it serves, for tests.
+
+    Pass it to ``sparsegen.apply`` like any method object; ``calls`` lists
+    :class:`RecordedCall` in call order. Every capability (geometry checks, preparation,
+    static masks) is the wrapped method's.
+
+    Example::
+
+        rec = CallRecorder("radial", block_size=32, backend="torch")
+        with sparsegen.apply(pipe, rec):
+            pipe(...)
+        rec.calls[0].q.shape        # (B, N, H, D)
+    """
+
+    def __init__(self, method, **options):
+        if not isinstance(method, SparseAttentionMethod):
+            from .patching import make_config
+
+            method = make_config(method, **options).make_method()
+        elif options:
+            raise TypeError(f"options {sorted(options)} cannot be added to a method object")
+        super().__init__(method.config)
+        self.inner = method
+        self.has_static_mask = method.has_static_mask
+        self.calls: list[RecordedCall] = []
+
+    def check_geometry(self, geometry: AttentionGeometry) -> None:
+        self.inner.check_geometry(geometry)
+
+    def prepare(self, geometry: AttentionGeometry, device) -> None:
+        self.inner.prepare(geometry, device)
+
+    def static_mask(self, geometry: AttentionGeometry, device="cpu"):
+        return self.inner.static_mask(geometry, device)
+
+    def attended_pairs(self, geometry: AttentionGeometry) -> Optional[int]:
+        return self.inner.attended_pairs(geometry)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
+        out, lse = self.inner.attention(q, k, v, call)
+        self.calls.append(RecordedCall(call.layer, call.step, call.geometry, q.detach().clone(), k.detach().clone(),
+                                       v.detach().clone(), out.detach().clone()))
+        return out, lse
+
+    def clear_cache(self) -> None:
+        self.inner.clear_cache()

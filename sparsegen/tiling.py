@@ -40,6 +40,7 @@ __all__ = [
     "TokenPermutation",
     "axis_order",
     "balanced_segments",
+    "check_grid",
     "partition_layout",
     "tile_layout",
 ]
@@ -49,12 +50,30 @@ AXIS_ORDERS = ("FHW", "FWH", "HWF", "HFW", "WHF", "WFH")
 IntOrSeq = Union[int, Sequence[int]]
 
 
-def _check_grid(grid) -> tuple[int, ...]:
+def check_grid(grid, ndim: Optional[int] = None) -> tuple[int, ...]:
+    """A token grid as a tuple of positive ints.
+
+    Args:
+        grid: an int, a sequence of ints, or an object with a ``grid`` attribute (an
+            ``AttentionGeometry``).
+        ndim: the number of axes required (None: any).
+
+    Raises:
+        TypeError / ValueError: not ints, not positive, or not ``ndim`` axes.
+    """
+    grid = getattr(grid, "grid", grid)
     if isinstance(grid, int) and not isinstance(grid, bool):
         grid = (grid,)
     try:
-        g = tuple(int(x) for x in grid)
+        g = tuple(grid)
     except TypeError:
+        raise TypeError(f"grid must be an int or a sequence of ints, got {grid!r}") from None
+    if ndim is not None and (len(g) != ndim or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                       for x in g)):
+        raise ValueError(f"grid must be {ndim} positive ints (frames, height, width) after patchify, got {grid!r}")
+    try:
+        g = tuple(int(x) for x in g)
+    except (TypeError, ValueError):
         raise TypeError(f"grid must be an int or a sequence of ints, got {grid!r}") from None
     if not g or any(x <= 0 for x in g) or any(isinstance(x, bool) for x in grid):
         raise ValueError(f"grid must hold positive ints (e.g. (frames, height, width)), got {grid!r}")
@@ -308,7 +327,7 @@ def tile_layout(grid: IntOrSeq, tile: IntOrSeq, *, pad: bool = False, dilation: 
     Raises:
         ValueError: non-positive sizes, or as many entries as axes not given.
     """
-    g = _check_grid(grid)
+    g = check_grid(grid)
     t = _broadcast("tile", tile, len(g))
     d = _broadcast("dilation", dilation, len(g))
     for ax, (n, dd) in enumerate(zip(g, d)):
@@ -326,7 +345,7 @@ def partition_layout(grid: IntOrSeq, segments: Sequence[Sequence[int]]) -> TileL
         segments: per axis, block extents summing to the axis length, e.g.
             ``[(3,) * 7, (30,), (52,)]`` for 1D temporal blocks of 3 frames on (21, 30, 52).
     """
-    g = _check_grid(grid)
+    g = check_grid(grid)
     if len(segments) != len(g):
         raise ValueError(f"segments has {len(segments)} axes but grid {g} has {len(g)}")
     axes = []
@@ -344,7 +363,7 @@ def axis_order(grid: Sequence[int], order: str) -> TokenPermutation:
     ``"FHW"`` is the identity (row-major frames, rows, columns); ``"HWF"`` puts all frames
     of one spatial position next to each other. One of :data:`AXIS_ORDERS`.
     """
-    g = _check_grid(grid)
+    g = check_grid(grid)
     if len(g) != 3:
         raise ValueError(f"axis_order needs a 3-axis (frames, height, width) grid, got {g}")
     if order not in AXIS_ORDERS:

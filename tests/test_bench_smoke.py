@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from eval_scripts import import_eval_script
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "evals", "bench_attention.py")
 
@@ -33,7 +31,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_writes_csv_with_schema(tiny_run):
-    bench_attention = import_eval_script("bench_attention")
+    import bench_attention
     out, _ = tiny_run
     with open(out / "bench_attention.csv", newline="") as f:
         reader = csv.DictReader(f)

@@ -159,13 +159,12 @@ def test_method_flops_radial_and_cli(capsys):
     # Ragged last blocks: the mask's FLOPs sit just below density x dense.
     assert res["self_attention"] == pytest.approx(
         WAN.num_layers * mask.density() * dense_attention_flops(n, n, WAN.dim), rel=0.01)
-    rc, out, _ = _cli(["--latent", "21,30,52", "--method", "radial", "--options", '{"decay_factor": 0.2}', "--json"],
-                      capsys)
+    rc, out, _ = _cli(["--latent", "21,30,52", "--method", "radial", "--decay-factor", "0.2", "--json"], capsys)
     assert rc == 0
     row = json.loads(out)["rows"][0]
     assert row["radial"] == res["total"] and row["density"] == res["density"] and row["tokens"] == n
-    rc, out, _ = _cli(["--latent", "30,48,80", "--method", "gna", "--options",
-                       '{"kernel_size": [18, 24, 24], "stride": [16, 8, 8]}'], capsys)
+    rc, out, _ = _cli(["--latent", "30,48,80", "--method", "gna", "--kernel-size", "18,24,24", "--stride", "16,8,8"],
+                      capsys)
     assert rc == 0 and "mask density 0.0900" in out and "gna " in out
 
 
@@ -178,12 +177,15 @@ def test_cli_errors(capsys):
         (["--tokens", "100", "--blocks", "7,x"], "--blocks must be comma-separated numbers like 7,40,60"),
         (["--method", "gna"], "--method gna builds the method's mask for a token grid: give --latent T,H,W"),
         (["--method", "gna", "--latent", "5,8"], "--latent must be three comma-separated ints"),
-        (["--method", "radial", "--latent", "5,8,8", "--options", "[1]"], "--options must be a JSON object"),
-        (["--method", "radial", "--latent", "5,8,8", "--options", '{"decay": 1}'],
-         "RadialConfig has no option(s) ['decay']"),
-        (["--method", "gna", "--latent", "5,8,8", "--options", '{"kernel_size": [7, 3, 3]}'],
-         "does not fit the token grid (5, 8, 8)"),
+        (["--method", "radial", "--latent", "5,8,8", "--decay-factor", "0"], "RadialConfig.decay_factor=0.0 is invalid"),
+        (["--method", "gna", "--latent", "5,8,8", "--kernel-size", "7,3,3"], "does not fit the token grid (5, 8, 8)"),
     ]
     for argv, message in cases:
         rc, _, err = _cli(argv, capsys)
         assert rc == 2 and message in err, (argv, err)
+    # Options of another method, or misspelled, are refused by the parser (usage error, exit 2).
+    for argv, message in [(["--method", "radial", "--latent", "5,8,8", "--decay", "1"], "unrecognized arguments"),
+                          (["--method", "gna", "--latent", "5,8,8", "--decay-factor", "1"], "unrecognized arguments")]:
+        with pytest.raises(SystemExit) as exc:
+            _cli(argv, capsys)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from sparsegen import cli
-from sparsegen.generate import main as generate_main
-from sparsegen.generate import method_options_from_argv, psnr
+from sparsegen.cli.generate import main as generate_main
+from sparsegen.generate import method_config, psnr
 
 
 def test_generate_compare_dense_writes_videos_and_summary(tmp_path):
@@ -47,39 +47,64 @@ def test_generate_dense_method_equals_dense_run(tmp_path):
     assert summary["step_density"] == [1.0] * 4  # two stages of 2 steps
 
 
-def test_method_options_are_parsed_by_type_and_unknown_ones_listed():
-    assert method_options_from_argv("radial", ["--decay-factor", "0.5", "--sink=false"]) == {
-        "decay_factor": 0.5, "sink": False}
-    assert method_options_from_argv("radial", ["--dense-layers", "0,2"]) == {"dense_layers": (0, 2)}
-    with pytest.raises(ValueError, match=r"method 'radial' has no option --kernel-size; its options are: .*--decay-factor"):
-        method_options_from_argv("radial", ["--kernel-size", "3"])
-    with pytest.raises(ValueError, match=r"--decay-factor needs a value"):
-        method_options_from_argv("radial", ["--decay-factor"])
+def test_method_flags_come_from_the_config_fields_and_parse_by_type(capsys):
+    parser = cli.build_parser(["generate", "--method", "radial"])
+    args = parser.parse_args(["generate", "--decay-factor", "0.5", "--no-sink", "--dense-layers", "0,2",
+                              "--backend", "torch"])
+    from sparsegen.cli.options import config_options
+    from sparsegen.methods.radial import RadialConfig
+
+    assert config_options(args, RadialConfig) == {"decay_factor": 0.5, "sink": False, "dense_layers": (0, 2),
+                                                  "backend": "torch"}
+    # Only the chosen method's options exist; the same name is the same option in every command.
+    with pytest.raises(SystemExit):
+        cli.build_parser(["generate"]).parse_args(["generate", "--kernel-size", "3"])
+    assert "unrecognized arguments: --kernel-size 3" in capsys.readouterr().err
+    args = cli.build_parser(["generate", "--method", "gna"]).parse_args(
+        ["generate", "--method", "gna", "--kernel-size", "3,5,5", "--is-causal", "1,0,0", "--tile", "none"])
+    assert (args.kernel_size, args.is_causal, args.tile) == ((3, 5, 5), (True, False, False), None)
+    with pytest.raises(SystemExit):
+        cli.build_parser(["generate"]).parse_args(["generate", "--decay-factor", "fast"])
+    assert "expected a number, got 'fast'" in capsys.readouterr().err
+
+
+def test_presets_are_overridden_field_by_field_and_the_log_says_so():
+    lines = []
+    cfg = method_config("radial", preset="wan2.1", options={"dense_steps": 4}, log=lines.append)
+    assert (cfg.decay_factor, cfg.dense_layers, cfg.dense_steps) == (0.2, 1, 4)
+    assert lines == ["[sparsegen] radial: preset 'wan2.1' (decay_factor=0.2, dense_layers=1) and your dense_steps=4"]
+    with pytest.raises(ValueError, match=r"method 'radial' has no preset 'mochi'; presets: \["):
+        method_config("radial", preset="mochi")
+    assert method_config("radial", log=lines.append) == method_config("radial", options={})
 
 
 def test_generate_errors_are_clear(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"has no option --bogus"):
+    with pytest.raises(SystemExit):
         generate_main(["--bogus", "1", "--out", str(tmp_path / "x.mp4")])
+    assert "unrecognized arguments: --bogus 1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"outside the toy model.s vocabulary: \[.cat.*Use the grammar"):
         generate_main(["--prompt", "a cat on a sofa", "--steps", "1", "--out", str(tmp_path / "x.mp4")])
-    with pytest.raises(ValueError, match=r"decay_factor"):
+    with pytest.raises(SystemExit, match=r"RadialConfig.decay_factor=-1.0 is invalid"):
         generate_main(["--decay-factor", "-1", "--steps", "1", "--out", str(tmp_path / "x.mp4")])
-    assert generate_main(["--method", "radial", "--help-method"]) == 0
-    assert "--decay-factor" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="0"):
+        generate_main(["--method", "vmoba", "--help"])
+    assert "--top-k" in capsys.readouterr().out
 
 
-def test_built_in_model_gets_its_method_options_unless_the_user_gives_any(tmp_path):
-    from sparsegen.toy.pipeline import RECOMMENDED_METHOD_OPTIONS
+def test_built_in_model_preset_with_a_user_option_overriding_one_field(tmp_path, capsys):
+    from sparsegen.toy.pipeline import PRESETS
 
     summary_path = tmp_path / "s.json"
     assert generate_main(["--steps", "6", "--frames", "9", "--out", "", "--json", str(summary_path)]) == 0
     summary = json.loads(summary_path.read_text())
-    assert summary["method"]["block_size"] == RECOMMENDED_METHOD_OPTIONS["radial"]["block_size"] == 64
+    assert summary["method"]["block_size"] == PRESETS["radial"]["block_size"] == 64
     assert summary["method"]["dense_steps"] == 5
     assert summary["step_density"][:5] == [1.0] * 5 and summary["step_density"][5] < 1.0
     assert summary["step_density"][6:11] == [1.0] * 5 and summary["step_density"][11] < 1.0  # second stage
-    # Any option given replaces the whole recommended set: the method's own defaults apply.
+    # An option given overrides that field only: the rest of the model's preset stays.
+    capsys.readouterr()
     assert generate_main(["--steps", "2", "--frames", "9", "--out", "", "--json", str(summary_path),
-                          "--decay-factor", "0.5"]) == 0
+                          "--dense-steps", "1"]) == 0
     summary = json.loads(summary_path.read_text())
-    assert summary["method"]["block_size"] == 128 and summary["method"]["dense_steps"] == 0
+    assert summary["method"]["block_size"] == 64 and summary["method"]["dense_steps"] == 1
+    assert "radial: the built-in model's preset (block_size=64) and your dense_steps=1" in capsys.readouterr().out

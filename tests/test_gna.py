@@ -25,7 +25,7 @@ from sparsegen.neighborhood import (
     neighborhood_layout,
     neighborhood_mask,
 )
-from sparsegen.testing import FP32_GRADIENT_FACTOR, assert_close_to_golden, random_sweep_size
+from sparsegen.testing import CallRecorder, FP32_GRADIENT_FACTOR, assert_close_to_golden, random_sweep_size
 
 from tiny_models import text_embeds, tiny_hunyuan_transformer, tiny_wan_pipeline
 
@@ -299,7 +299,7 @@ def _cli(argv, capsys):
 
 
 def test_cli_flux_published_configuration(capsys):
-    rc, out, _ = _cli(["--grid", "256,256", "--kernel", "80", "--stride", "16", "--json"], capsys)
+    rc, out, _ = _cli(["--grid", "256,256", "--kernel-size", "80", "--stride", "16", "--json"], capsys)
     assert rc == 0
     stats = json.loads(out)
     # Chosen tile (16, 8): a query tile lies in one 16 x 16 stride group, whose 80 x 80
@@ -309,15 +309,15 @@ def test_cli_flux_published_configuration(capsys):
     assert stats["full_blocks"] == (16 * 5) * (32 * 10)
     assert stats["density"] == pytest.approx((80 / 256) ** 2, abs=1e-12)
     assert stats["speedup_bound"] == pytest.approx((256 / 80) ** 2)
-    rc, out, _ = _cli(["--grid", "256,256", "--kernel", "80", "--stride", "16", "--tile", "16,16", "--json"], capsys)
+    rc, out, _ = _cli(["--grid", "256,256", "--kernel-size", "80", "--stride", "16", "--tile", "16,16", "--json"], capsys)
     assert rc == 0 and json.loads(out)["partial_blocks"] == 0 and json.loads(out)["tile_chosen"] is False
     # A tile spanning two stride groups cannot be perfectly block-sparse.
-    rc, out, _ = _cli(["--grid", "256,256", "--kernel", "80", "--stride", "16", "--tile", "32,4", "--json"], capsys)
+    rc, out, _ = _cli(["--grid", "256,256", "--kernel-size", "80", "--stride", "16", "--tile", "32,4", "--json"], capsys)
     assert rc == 0 and json.loads(out)["partial_blocks"] > 0
 
 
 def test_cli_hunyuan_video_published_configuration(capsys):
-    argv = ["--grid", "30,48,80", "--kernel", "18,24,24", "--stride", "16,8,8", "--json"]
+    argv = ["--grid", "30,48,80", "--kernel-size", "18,24,24", "--stride", "16,8,8", "--json"]
     nbh._layout_cached.cache_clear()
     rc, out, _ = _cli(argv, capsys)
     assert rc == 0
@@ -332,19 +332,21 @@ def test_cli_hunyuan_video_published_configuration(capsys):
 
 def test_cli_text_png_and_errors(capsys, tmp_path):
     png = tmp_path / "gna.png"
-    rc, out, _ = _cli(["--grid", "9,11", "--kernel", "4,5", "--stride", "2,3", "--causal", "0,1", "--png", str(png)],
+    rc, out, _ = _cli(["--grid", "9,11", "--kernel-size", "4,5", "--stride", "2,3", "--is-causal", "0,1", "--png", str(png)],
                       capsys)
     assert rc == 0
     assert "chosen automatically for the least wasted work" in out and "partial blocks" in out and "speedup bound" in out
     from PIL import Image
 
-    with Image.open(png) as img:
-        assert img.size[0] > 0
-    rc, out, _ = _cli(["--grid", "9,11", "--kernel", "3", "--tile", "2,4"], capsys)
+    expected = neighborhood_layout((9, 11), kernel_size=(4, 5), stride=(2, 3), is_causal=(False, True))
+    expected.mask.render(str(tmp_path / "expected.png"))
+    with Image.open(png) as img, Image.open(tmp_path / "expected.png") as ref:
+        assert img.size == ref.size and img.tobytes() == ref.tobytes()
+    rc, out, _ = _cli(["--grid", "9,11", "--kernel-size", "3", "--tile", "2,4"], capsys)
     assert rc == 0 and "tile q=(2, 4) kv=(2, 4), given;" in out
-    rc, _, err = _cli(["--grid", "9,11", "--kernel", "3,3,3"], capsys)
-    assert rc == 2 and "--kernel has 3 values but --grid has 2 axes; give 1 or 2" in err
-    rc, _, err = _cli(["--grid", "9,11", "--kernel", "10"], capsys)
+    rc, _, err = _cli(["--grid", "9,11", "--kernel-size", "3,3,3"], capsys)
+    assert rc == 2 and "--kernel-size has 3 values but --grid has 2 axes; give 1 or 2" in err
+    rc, _, err = _cli(["--grid", "9,11", "--kernel-size", "10"], capsys)
     assert rc == 2 and "kernel_size=10 * dilation=1 > 9" in err
 
 
@@ -384,23 +386,9 @@ def test_config_to_grid():
 WAN_GNA = dict(kernel_size=(3, 5, 3), stride=(1, 2, 3), dilation=(1, 1, 2), is_causal=(True, False, False))
 
 
-def _record(handle):
-    """Wrap the handle's method so every sparse call keeps its inputs and output."""
-    seen = []
-    inner = handle.method.attention
-
-    def attention(q, k, v, call):
-        out, lse = inner(q, k, v, call)
-        seen.append((call.geometry, q.clone(), k.clone(), v.clone(), out.clone()))
-        return out, lse
-
-    handle.method.attention = attention
-    return seen
-
-
 def _check_calls(seen, opts, expected_calls):
     assert len(seen) == expected_calls
-    for geom, q, k, v, out in seen:
+    for _, _, geom, q, k, v, out in seen:
         args = [opts[f] for f in ("kernel_size", "stride", "dilation", "is_causal")]
         golden, eager = _expected(q, k, v, geom.grid, *args)
         assert_close_to_golden(out, eager[0], golden[0], what=f"layer output geometry {geom.grid}")
@@ -412,11 +400,11 @@ def test_wan_pipeline_layers_equal_reference_and_errors():
     from tiny_models import run_wan
 
     pipe = tiny_wan_pipeline()
-    with sparsegen.apply(pipe, "gna", backend="torch", **WAN_GNA) as h:
-        seen = _record(h)
+    with sparsegen.apply(pipe, CallRecorder("gna", backend="torch", **WAN_GNA)) as h:
+        seen = h.method.calls
         run_wan(pipe, frames=17, height=128, width=128, steps=2)
         _check_calls(seen, WAN_GNA, expected_calls=2 * 3)
-        assert {g for g, *_ in seen} == {AttentionGeometry(5, 8, 8)}
+        assert {c.geometry for c in seen} == {AttentionGeometry(5, 8, 8)}
         densities = h.step_densities()
         assert [step for step, _ in densities] == [0, 1] and all(0 < d < 1 for _, d in densities)
     with pytest.raises(ValueError, match=r"GNAConfig.kernel_size=\(3, 3, 3, 3\) is invalid"):
@@ -442,8 +430,8 @@ def test_hunyuan_transformer_layers_equal_reference():
     opts = dict(kernel_size=(2, 3, 4), stride=(1, 2, 2), dilation=1, is_causal=False)
     with torch.no_grad():
         base = model(latents, **kwargs)[0]
-        with sparsegen.apply(model, "gna", backend="torch", **opts) as h:
-            seen = _record(h)
+        with sparsegen.apply(model, CallRecorder("gna", backend="torch", **opts)) as h:
+            seen = h.method.calls
             sparse = model(latents, **kwargs)[0]
     _check_calls(seen, opts, expected_calls=4)  # 2 dual-stream + 2 single-stream blocks
     assert (sparse - base).abs().max().item() > 1e-4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -13,12 +12,12 @@ import torch
 
 from sparsegen.kernels import BlockSparseMask
 from sparsegen.kernels.reference import reference_attention
-from sparsegen.methods import AttentionCall, AttentionGeometry, config_from_dict, get_method
+from sparsegen.cli import main as cli_main
+from sparsegen.methods import AttentionCall, AttentionGeometry, config_class, config_from_dict
 from sparsegen.methods.radial import (
-    RECIPES,
+    PRESETS,
     RadialConfig,
     RadialMethod,
-    add_mask_cli,
     kept_blocks_per_distance,
     radial_block_mask,
     radial_block_matrix,
@@ -193,17 +192,21 @@ def test_config_defaults_validation_and_round_trip():
     assert config_from_dict(cfg.to_dict()) == cfg
     assert RadialConfig.from_json(cfg.to_json()) == cfg
     assert isinstance(RadialConfig(decay_factor=1).decay_factor, float)
-    assert get_method("radial") == (RadialConfig, RadialMethod)
+    # One name lookup resolves the config class; the config knows its method.
+    assert config_class("radial") is RadialConfig and RadialConfig.method_class() is RadialMethod
+    assert isinstance(cfg.make_method(), RadialMethod)
+    with pytest.raises(ValueError, match=r"RadialConfig.version=2 is invalid: this sparsegen reads config version 1"):
+        config_from_dict({**cfg.to_dict(), "version": 2})
 
 
-def test_recipes():
-    wan = RadialConfig.recipe("wan2.1")
+def test_presets():
+    wan = RadialConfig.preset("wan2.1")
     assert (wan.decay_factor, wan.dense_steps, wan.dense_layers, wan.block_size) == (0.2, 12, 1, 128)
-    assert RadialConfig.recipe("wan2.2").block_size == 64
-    assert RadialConfig.recipe("hunyuanvideo", dense_steps=2).dense_steps == 2
-    assert set(RECIPES) >= {"wan2.1", "wan2.2", "hunyuanvideo"}
-    with pytest.raises(ValueError, match=r"no radial recipe for model 'mochi'; recipes: \["):
-        RadialConfig.recipe("mochi")
+    assert RadialConfig.preset("wan2.2").block_size == 64
+    assert RadialConfig.preset("hunyuanvideo", dense_steps=2).dense_steps == 2
+    assert set(PRESETS) >= {"wan2.1", "wan2.2", "hunyuanvideo"} and RadialConfig.presets is PRESETS
+    with pytest.raises(ValueError, match=r"RadialConfig has no preset 'mochi'; presets: \["):
+        RadialConfig.preset("mochi")
 
 
 # -------------------------------------------------------------------- method
@@ -217,7 +220,7 @@ def test_sparse_layer_equals_reference_masked_attention(dtype):
     call = AttentionCall(geometry=geom, backend="torch")
     out, lse = method.attention(q, k, v, call)
     mask = radial_block_mask(frames=5, tokens_per_frame=60, block_size=32, decay_factor=0.5)
-    assert torch.equal(method.mask_for(geom).to_block_matrix(), mask.to_block_matrix())
+    assert torch.equal(method.static_mask(geom).to_block_matrix(), mask.to_block_matrix())
     assert 0.0 < mask.density() < 1.0, "the geometry must give a genuinely sparse mask"
     assert call.stats["density"] == pytest.approx(mask.density())
     golden, golden_lse = reference_attention(q, k, v, mask, dtype=torch.float64)
@@ -233,8 +236,8 @@ def test_sparse_layer_equals_reference_masked_attention(dtype):
 def test_mask_cached_per_geometry_and_rebuilt_for_a_new_one():
     method = RadialMethod(RadialConfig(block_size=32, backend="torch"))
     a, b = AttentionGeometry(5, 6, 10), AttentionGeometry(7, 6, 10)
-    assert method.mask_for(a) is method.mask_for(a)
-    assert method.mask_for(b).q_len == 420 and method.mask_for(a).q_len == 300
+    assert method.static_mask(a) is method.static_mask(a)
+    assert method.static_mask(b).q_len == 420 and method.static_mask(a).q_len == 300
     q = torch.randn(1, 420, 2, 16)
     out, _ = method.attention(q, q, q, AttentionCall(geometry=b, backend="torch"))
     assert out.shape == q.shape
@@ -253,10 +256,7 @@ def test_check_geometry():
 
 # ----------------------------------------------------------------------- CLI
 def _run_cli(argv, capsys):
-    parser = argparse.ArgumentParser(prog="sparsegen mask")
-    add_mask_cli(parser.add_subparsers(dest="kind", required=True))
-    args = parser.parse_args(argv)
-    rc = args.func(args)
+    rc = cli_main(["mask", *argv])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
@@ -266,7 +266,7 @@ def test_cli_json_per_distance_hand_derived(capsys):
     # 2-3 band 128 (every block of the 2x2 pair box passes); 4-7 w0 = 64: even only;
     # 8-11 w0 = 32: multiples of 4 only.
     rc, out, _ = _run_cli(["radial", "--frames", "12", "--tokens-per-frame", "256", "--block-size", "128",
-                           "--decay", "1", "--json"], capsys)
+                           "--decay-factor", "1", "--json"], capsys)
     assert rc == 0
     res = json.loads(out)
     assert res["per_distance"] == {"0": 4, "1": 4, "2": 4, "3": 4, "4": 4, "5": 0, "6": 4, "7": 0,
@@ -285,7 +285,7 @@ def test_cli_text_png_and_errors(capsys, tmp_path):
 
     png = tmp_path / "radial.png"
     rc, out, _ = _run_cli(["radial", "--frames", "9", "--tokens-per-frame", "130", "--block-size", "64",
-                           "--decay", "0.5", "--png", str(png)], capsys)
+                           "--decay-factor", "0.5", "--png", str(png)], capsys)
     assert rc == 0
     mask = radial_block_mask(frames=9, tokens_per_frame=130, block_size=64, decay_factor=0.5)
     assert f"density {mask.density():.4f}" in out

@@ -6,25 +6,12 @@ import pytest
 import torch
 
 import sparsegen
+from sparsegen.testing import CallRecorder
 from sparsegen.kernels.reference import reference_attention
 from sparsegen.methods.base import AttentionGeometry
 from sparsegen.methods.radial import radial_block_mask
 
 from tiny_models import TEXT_DIM, run_wan, text_embeds, tiny_hunyuan_transformer, tiny_wan_pipeline
-
-
-def _record_method_calls(handle):
-    """Wrap the handle's method so every sparse call keeps (call, q, k, v, out)."""
-    seen = []
-    inner = handle.method.attention
-
-    def recording(q, k, v, call):
-        out, lse = inner(q, k, v, call)
-        seen.append((call.layer, call.step, call.geometry, q.clone(), k.clone(), v.clone(), out.clone()))
-        return out, lse
-
-    handle.method.attention = recording
-    return seen
 
 
 def _check_against_reference(seen, block_size, decay_factor):
@@ -42,8 +29,9 @@ def _check_against_reference(seen, block_size, decay_factor):
 def test_radial_on_wan_t2v_layers_equal_reference_and_schedule():
     pipe = tiny_wan_pipeline()
     # 17 frames at 128 x 128: 5 latent frames of 8 x 8 tokens = 320 tokens, 10 blocks of 32.
-    with sparsegen.apply(pipe, "radial", block_size=32, decay_factor=0.5, dense_steps=1, backend="torch") as h:
-        seen = _record_method_calls(h)
+    rec = CallRecorder("radial", block_size=32, decay_factor=0.5, dense_steps=1, backend="torch")
+    with sparsegen.apply(pipe, rec) as h:
+        seen = h.method.calls
         run_wan(pipe, frames=17, height=128, width=128, steps=3, guidance=2.0)
         # 3 layers x 2 sparse steps (step 0 is dense); Wan runs CFG's conditional and
         # unconditional halves as two forwards, and both count as the same step.
@@ -56,8 +44,8 @@ def test_radial_on_wan_t2v_layers_equal_reference_and_schedule():
 
 def test_radial_on_wan22_patches_both_transformers():
     pipe = tiny_wan_pipeline(two_transformers=True)
-    with sparsegen.apply(pipe, "radial", block_size=32, backend="torch") as h:
-        seen = _record_method_calls(h)
+    with sparsegen.apply(pipe, CallRecorder("radial", block_size=32, backend="torch")) as h:
+        seen = h.method.calls
         run_wan(pipe, frames=17, height=128, width=128, steps=4)
         # boundary_ratio 0.5: the high-noise transformer serves the first steps, the other the rest.
         assert len(seen) == 4 * 3
@@ -85,8 +73,8 @@ def test_radial_on_wan_i2v_leaves_image_cross_attention_untouched():
         base = model(**inputs)[0]
         with sparsegen.apply(model, "dense", backend="torch"):
             assert torch.allclose(model(**inputs)[0], base, atol=1e-6, rtol=0)
-        with sparsegen.apply(model, "radial", block_size=32, backend="torch") as h:
-            seen = _record_method_calls(h)
+        with sparsegen.apply(model, CallRecorder("radial", block_size=32, backend="torch")) as h:
+            seen = h.method.calls
             sparse = model(**inputs)[0]
         assert torch.equal(model(**inputs)[0], base)
     # Only self-attention (attn1) is routed: one call per block; the 7 image tokens never reach the method.
@@ -107,8 +95,8 @@ def test_radial_on_hunyuan_video_tokens_sparse_text_dense():
                   return_dict=False)
     with torch.no_grad():
         base = model(**inputs)[0]
-        with sparsegen.apply(model, "radial", block_size=32, backend="torch") as h:
-            seen = _record_method_calls(h)
+        with sparsegen.apply(model, CallRecorder("radial", block_size=32, backend="torch")) as h:
+            seen = h.method.calls
             sparse = model(**inputs)[0]
         assert torch.equal(model(**inputs)[0], base)
     # 2 dual-stream + 2 single-stream blocks; the method sees the 320 video tokens only.

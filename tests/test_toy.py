@@ -15,14 +15,13 @@ import pytest
 import torch
 
 import sparsegen
-from sparsegen.methods import METHOD_MODULES
+from sparsegen.methods import available_methods
 from sparsegen.toy import pipeline as toy
 from sparsegen.toy.codec import PixelShuffleVideoCodec
 from sparsegen.toy.data import COLOURS, SEED_RANGES, _bounding_radius, evaluation_specs, parse_prompt, render_batch, render_video
-from sparsegen.toy.metrics import measure_video, psnr, ssim
-from sparsegen.toy.probe import record_attention_inputs
+from toylab.metrics import measure_video, psnr, ssim
+from toylab.probe import record_attention_inputs
 
-from eval_scripts import import_eval_script
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "two green squares moving up over a dotted background, camera panning left"
@@ -206,7 +205,7 @@ def test_codec_round_trip_is_exact():
 def test_clean_latent_prediction_trains_on_the_velocity_objective():
     """A clean-latent model and the velocity model that implies the same x0 get the same
     loss (above the weight cap), and both prediction types map back to the same x0."""
-    from sparsegen.toy import train as toy_train
+    from toylab import train as toy_train
 
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 192, 5, 8, 8, generator=gen)
@@ -249,7 +248,7 @@ def test_clean_latent_prediction_trains_on_the_velocity_objective():
 def test_bf16_training_precision_matches_fp32_loss_and_gradients():
     """The bf16 autocast step computes the fp32 loss and gradient to bf16 accuracy
     (and actually runs the transformer's matrix products in bf16)."""
-    from sparsegen.toy import train as toy_train
+    from toylab import train as toy_train
 
     transformer, encoder = toy.new_transformer(0), toy.new_prompt_encoder(0)
     codec = PixelShuffleVideoCodec(scale_factor_spatial=toy.SPATIAL_FACTOR, scale_factor_temporal=toy.TEMPORAL_FACTOR)
@@ -277,7 +276,7 @@ def test_bf16_training_precision_matches_fp32_loss_and_gradients():
 def test_a_short_training_run_exports_a_loadable_pipeline(tmp_path):
     """Two optimizer steps end to end: the export loads as a WanPipeline whose scheduler
     reads the output as the run's prediction type, and generates a video."""
-    from sparsegen.toy import train as toy_train
+    from toylab import train as toy_train
 
     config = toy_train.TrainConfig(steps=2, batch_size=2, warmup_steps=1, validate_every=2, log_every=1, threads=2,
                                    frame_noise_correlation=0.5, per_frame_sigma_probability=0.5,
@@ -304,7 +303,7 @@ def test_per_frame_noise_levels_reach_each_latent_frame_in_token_order():
     """Per-frame noise levels are drawn per video with the stated probability, reach the
     transformer in its frame-major token order (a frame's level changes that frame's
     output), and with all frames equal give exactly the one-level loss."""
-    from sparsegen.toy import train as toy_train
+    from toylab import train as toy_train
 
     sigma = torch.linspace(0.1, 0.9, 400)
     gen = torch.Generator().manual_seed(0)
@@ -471,7 +470,7 @@ def test_motion_consistency_reads_steady_tracks_and_catches_jumps_and_gaps():
 
 
 def test_direction_reversal_agreement_of_the_generator_and_of_noise_set_motion():
-    toy_checks = import_eval_script("toy_checks")
+    import toy_checks
     specs = evaluation_specs(4)
     seeds = [SEED_RANGES["evaluation"] + 40 + i for i in range(4)]
     forward = np.stack([render_video(s, spec=spec).frames for s, spec in zip(seeds, specs)])
@@ -509,7 +508,7 @@ def test_quality_eval_quick_runs_and_writes_its_outputs(tmp_path):
     result = json.loads((out / "quality.json").read_text())
     methods = {r["method"]: r for r in result["sweep"]}
     # Shipped methods (module-backed); methods registered in this test process do not reach the subprocess.
-    shipped = [m for m, entry in METHOD_MODULES.items() if isinstance(entry, str)]
+    shipped = available_methods(registered=False)
     importable = [m for m in shipped if m not in result["methods_missing"]]
     assert sorted(methods) == sorted(importable) and "dense" in methods and "radial" in methods
     assert methods["dense"]["psnr"] == "inf" and methods["dense"]["ssim"] == 1.0
@@ -587,7 +586,7 @@ def test_toy_checks_quick_runs_and_reads_the_ground_truth(tmp_path):
 
 
 def test_above_chance_p_is_the_binomial_upper_tail():
-    toy_checks = import_eval_script("toy_checks")
+    import toy_checks
     for hits, trials, chance in ((9, 24, 0.25), (14, 24, 0.25), (5, 24, 1 / 3), (24, 24, 0.25), (0, 24, 0.25)):
         tail = sum(math.comb(trials, k) * chance**k * (1 - chance) ** (trials - k) for k in range(hits, trials + 1))
         assert toy_checks.above_chance_p(hits, trials, chance) == pytest.approx(tail, rel=1e-9)
@@ -597,7 +596,7 @@ def test_above_chance_p_is_the_binomial_upper_tail():
 
 
 def test_prompt_reliance_changes_exactly_one_attribute():
-    toy_checks = import_eval_script("toy_checks")
+    import toy_checks
     for spec in evaluation_specs(24):
         for attribute in toy_checks.RELIANCE_ATTRIBUTES:
             if attribute == "pan" and spec.pan is None:

@@ -24,7 +24,7 @@ from sparsegen.methods.vmoba import (
     vmoba_mask,
     vmoba_partition,
 )
-from sparsegen.testing import assert_close_to_golden
+from sparsegen.testing import CallRecorder, assert_close_to_golden
 
 from tiny_models import TEXT_DIM, run_wan, tiny_hunyuan_transformer, tiny_wan_pipeline
 
@@ -336,7 +336,7 @@ def test_config_validation_names_field_value_and_range():
     for kwargs, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             VMoBAConfig(**kwargs)
-    with pytest.raises(ValueError, match=r"no VMoBA preset 'fast'; presets: \['training', 'training-free'\]"):
+    with pytest.raises(ValueError, match=r"VMoBAConfig has no preset 'fast'; presets: \['training', 'training-free'\]"):
         VMoBAConfig.preset("fast")
 
 
@@ -378,19 +378,6 @@ def test_functional_errors():
 
 
 # ------------------------------------------------------------------ through sparsegen.apply
-def _record(handle):
-    seen = []
-    inner = handle.method.attention
-
-    def recording(q, k, v, call):
-        out, lse = inner(q, k, v, call)
-        seen.append((call.layer, call.step, call.geometry, q.clone(), k.clone(), v.clone(), out.clone()))
-        return out, lse
-
-    handle.method.attention = recording
-    return seen
-
-
 def _check_layers(seen, cfg):
     assert seen, "no sparse attention call was made"
     for layer, step, geom, q, k, v, out in seen:
@@ -407,8 +394,8 @@ WAN_OPTS = dict(temporal_block=2, spatial_block=(3, 3), spatiotemporal_block=(2,
 def test_wan_pipeline_layers_equal_reference_and_dense_steps():
     pipe = tiny_wan_pipeline()
     # 17 frames at 128 x 128: 5 latent frames of 8 x 8 tokens. 3 steps, the first 25% dense: step 0.
-    with sparsegen.apply(pipe, "vmoba", dense_step_fraction=0.25, backend="torch", **WAN_OPTS) as h:
-        seen = _record(h)
+    with sparsegen.apply(pipe, CallRecorder("vmoba", dense_step_fraction=0.25, backend="torch", **WAN_OPTS)) as h:
+        seen = h.method.calls
         run_wan(pipe, frames=17, height=128, width=128, steps=3, guidance=2.0)
         # Steps 1 and 2, both CFG passes, layers 0..2 (kinds 1D, 2D, 3D).
         assert [(layer, step) for layer, step, *_ in seen] == [(i, s) for s in (1, 2) for _ in range(2)
@@ -425,8 +412,8 @@ def test_wan_pipeline_training_preset_and_odd_grid():
     # 9 frames at 96 x 160: grid (3, 6, 10); the preset's blocks are clipped / ragged, never refused.
     cfg = VMoBAConfig.preset("training", spatial_block=(4, 4), spatiotemporal_block=(2, 4, 4), block_size=16,
                              backend="torch")
-    with sparsegen.apply(pipe, cfg) as h:
-        seen = _record(h)
+    with sparsegen.apply(pipe, CallRecorder(cfg)) as h:
+        seen = h.method.calls
         run_wan(pipe, frames=9, height=96, width=160, steps=1)
         assert {g for _, _, g, *_ in seen} == {AttentionGeometry(3, 6, 10)}
         _check_layers(seen[1:3], cfg)
@@ -434,8 +421,8 @@ def test_wan_pipeline_training_preset_and_odd_grid():
 
 def test_wan22_patches_both_transformers():
     pipe = tiny_wan_pipeline(two_transformers=True)
-    with sparsegen.apply(pipe, "vmoba", backend="torch", **WAN_OPTS) as h:
-        seen = _record(h)
+    with sparsegen.apply(pipe, CallRecorder("vmoba", backend="torch", **WAN_OPTS)) as h:
+        seen = h.method.calls
         run_wan(pipe, frames=17, height=128, width=128, steps=2)
         # boundary_ratio 0.5: the high-noise transformer serves step 0, transformer_2 step 1, so the
         # step-1 calls come from transformer_2.
@@ -479,8 +466,8 @@ def test_hunyuan_video_tokens_sparse_text_dense():
     cfg = VMoBAConfig(selection="threshold", backend="torch", **WAN_OPTS)
     with torch.no_grad():
         base = model(**inputs)[0]
-        with sparsegen.apply(model, cfg) as h:
-            seen = _record(h)
+        with sparsegen.apply(model, CallRecorder(cfg)) as h:
+            seen = h.method.calls
             sparse = model(**inputs)[0]
         assert torch.equal(model(**inputs)[0], base)
     # 2 dual-stream + 2 single-stream blocks; the method sees the 320 video tokens only.

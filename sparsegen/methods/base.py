@@ -6,34 +6,76 @@ self-attention call, laid out (batch, tokens, heads, head_dim) in row-major
 where in the denoising schedule the call is. Text tokens of joint attention are handled
 by :mod:`sparsegen.joint`, never by a method.
 
+A config knows its method: defining a ``SparseAttentionMethod`` subclass with
+``config_cls = MyConfig`` binds the two, and ``config.make_method()`` builds the method
+object that one patched pipeline owns. Names (``"radial"``) are looked up only where a
+user gives a name (``sparsegen.apply(pipe, "radial", ...)``, the CLI, ``config_from_dict``).
+
 Writing a method::
 
     @dataclass(frozen=True)
     class MyConfig(MethodConfig):
         method: ClassVar[str] = "mine"
-        strength: float = 1.0
+        strength: float = 1.0          # validated once, in __post_init__
 
     class MyMethod(SparseAttentionMethod):
         config_cls = MyConfig
         def attention(self, q, k, v, call):          # -> (out, lse)
-            mask = self.cached(call, lambda: build_mask(call.geometry, ...))
+            mask = self.cached(("mask", call.geometry), lambda: build_mask(call.geometry, ...))
             return block_sparse_attention(q, k, v, mask, return_lse=True, backend=call.backend)
+
+    sparsegen.apply(pipe, MyConfig(strength=2.0))     # or sparsegen.apply(pipe, MyMethod(MyConfig()))
+    sparsegen.register_method(MyConfig)               # only to make the name "mine" known
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["MethodConfig", "AttentionGeometry", "AttentionCall", "SparseAttentionMethod", "config_error"]
+from ..kernels import Backend, BlockSparseMask
+
+__all__ = ["MethodConfig", "AttentionGeometry", "AttentionCall", "SparseAttentionMethod", "config_error",
+           "CONFIG_VERSION", "check_int", "check_number"]
+
+# Version of the serialised config schema (``MethodConfig.version``); configs written
+# by a later schema are refused rather than misread.
+CONFIG_VERSION = 1
 
 
 def config_error(cls_name: str, field_name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{cls_name}.{field_name}={value!r} is invalid: {allowed}")
+
+
+def check_int(cls_name: str, field_name: str, value: Any, *, low: int = 0, multiple_of: int = 1,
+              what: str = "") -> int:
+    """``value`` if it is an int (not a bool) >= ``low`` and a multiple of ``multiple_of``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value % multiple_of:
+        if multiple_of > 1 and low == multiple_of:
+            allowed = f"must be a positive multiple of {multiple_of}"
+        else:
+            allowed = f"must be an integer >= {low}" + (f" and a multiple of {multiple_of}" if multiple_of > 1 else "")
+        raise config_error(cls_name, field_name, value, allowed + (f" ({what})" if what else ""))
+    return value
+
+
+def check_number(cls_name: str, field_name: str, value: Any, *, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False, what: str = "") -> float:
+    """``float(value)`` if it is a finite number in the interval, else ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise config_error(cls_name, field_name, value, f"must be a finite number in {interval}"
+                           + (f" ({what})" if what else ""))
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -45,32 +87,64 @@ class MethodConfig:
         dense_last_steps: the last M denoising steps run dense attention.
         dense_layers: an int N (the first N patched layers stay dense) or a list of
             layer indices that stay dense.
-        backend: kernel backend for the sparse layers (``auto``, ``triton``, ``torch``).
-        version: config schema version (serialised with the config).
+        backend: kernel backend of the sparse layers, a :class:`~sparsegen.kernels.Backend`
+            or its value (``"auto"``, ``"triton"``, ``"torch"``, ...).
+        version: config schema version (serialised with the config; only
+            :data:`CONFIG_VERSION` is understood).
+
+    Class attributes of a method's config: ``method`` (its name) and ``presets``
+    (named option sets, e.g. a model's official settings; :meth:`preset`).
     """
 
     method: ClassVar[str] = ""
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     dense_steps: int = 0
     dense_last_steps: int = 0
     dense_layers: Union[int, tuple[int, ...]] = 0
-    backend: str = "auto"
-    version: int = 1
+    backend: Backend = Backend.AUTO
+    version: int = CONFIG_VERSION
 
     def __post_init__(self):
         name = type(self).__name__
+        if self.version != CONFIG_VERSION:
+            raise config_error(name, "version", self.version,
+                               f"this sparsegen reads config version {CONFIG_VERSION}; the config was written by "
+                               "another release: upgrade sparsegen or rebuild the config with this one")
         for f in ("dense_steps", "dense_last_steps"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise config_error(name, f, v, "must be an integer >= 0")
+            check_int(name, f, getattr(self, f))
         dl = self.dense_layers
         if isinstance(dl, (list, tuple)):
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dl):
                 raise config_error(name, "dense_layers", dl, "a list must hold layer indices >= 0")
             object.__setattr__(self, "dense_layers", tuple(sorted(set(dl))))
-        elif not isinstance(dl, int) or isinstance(dl, bool) or dl < 0:
-            raise config_error(name, "dense_layers", dl, "must be an integer >= 0 or a list of layer indices")
-        if self.backend not in ("auto", "triton", "torch", "reference"):
-            raise config_error(name, "backend", self.backend, "must be one of 'auto', 'triton', 'torch', 'reference'")
+        else:
+            check_int(name, "dense_layers", dl, what="or a list of layer indices")
+        try:
+            object.__setattr__(self, "backend", Backend(self.backend))
+        except ValueError:
+            raise config_error(name, "backend", self.backend,
+                               f"must be one of {[b.value for b in Backend]}") from None
+
+    # ------------------------------------------------------------- method binding
+    @classmethod
+    def method_class(cls) -> type:
+        """The :class:`SparseAttentionMethod` subclass serving this config."""
+        method_cls = cls.__dict__.get("_method_class")
+        if method_cls is None:
+            raise TypeError(f"{cls.__name__} has no method: define a SparseAttentionMethod subclass with "
+                            f"config_cls = {cls.__name__}")
+        return method_cls
+
+    def make_method(self) -> "SparseAttentionMethod":
+        """A new method object for this config (its caches belong to one patched pipeline)."""
+        return self.method_class()(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MethodConfig":
+        """The named option set ``name`` of :attr:`presets`, with ``overrides`` applied field by field."""
+        if name not in cls.presets:
+            raise ValueError(f"{cls.__name__} has no preset {name!r}; presets: {sorted(cls.presets)}")
+        return cls(**{**cls.presets[name], **overrides})
 
     # --------------------------------------------------------------- schedule
     def layer_is_dense(self, layer: int) -> bool:
@@ -86,13 +160,26 @@ class MethodConfig:
         return num_steps is not None and self.dense_last_steps > 0 and step >= num_steps - self.dense_last_steps
 
     # ---------------------------------------------------------- serialisation
+    @classmethod
+    def option_fields(cls, *, shared: bool = True) -> list[dataclasses.Field]:
+        """The config's options (``version`` excluded); ``shared=False`` keeps only the
+        method's own, leaving out the schedule and backend fields of :class:`MethodConfig`."""
+        base = {f.name for f in dataclasses.fields(MethodConfig)}
+        return [f for f in dataclasses.fields(cls)
+                if f.name != "version" and (shared or f.name not in base)]
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        """Resolved type annotation of every field."""
+        return typing.get_type_hints(cls)
+
     def to_dict(self) -> dict:
         d = {"method": self.method}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, tuple):
                 v = list(v)
-            elif hasattr(v, "value") and isinstance(getattr(v, "value"), (str, int)):
+            elif isinstance(v, enum.Enum):
                 v = v.value
             d[f.name] = v
         return d
@@ -161,7 +248,9 @@ class AttentionCall:
             gives each rank a slice of heads; per-head methods must index by it).
         total_heads: number of heads of the full layer.
         backend: kernel backend to use.
-        stats: a dict the method may fill (e.g. ``density``) for reporting.
+        stats: a dict the method may fill for reporting: ``density`` (visited blocks /
+            all blocks) as a Python float or a 0-dim device tensor, never read back to
+            the host during the call.
     """
 
     geometry: AttentionGeometry
@@ -171,7 +260,7 @@ class AttentionCall:
     num_steps: Optional[int] = None
     head_offset: int = 0
     total_heads: Optional[int] = None
-    backend: str = "auto"
+    backend: Backend = Backend.AUTO
     stats: dict = field(default_factory=dict)
 
 
@@ -179,10 +268,27 @@ class SparseAttentionMethod:
     """Base class of methods. Subclasses set ``config_cls`` and implement ``attention``.
 
     One instance belongs to one patched pipeline (one ``apply`` handle), so caches kept
-    on it are never shared across pipelines.
+    on it are never shared across pipelines. Optional capabilities, declared here with
+    their defaults:
+
+    * :meth:`static_mask` — the block mask for a geometry when it does not depend on
+      q and k (``has_static_mask = True``); ``sparsegen flops`` and ``sparsegen mask``
+      count it.
+    * :meth:`attended_pairs` — exact (query, key) pairs, when the mask's blocks hold
+      padding (tiled token orders).
+    * :meth:`prepare` — build what a geometry needs before the first call (masks,
+      partitions), outside any compiled region.
     """
 
     config_cls: ClassVar[type] = MethodConfig
+    has_static_mask: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cfg = cls.__dict__.get("config_cls")
+        if cfg is not None and cfg is not MethodConfig:
+            # A config knows its method; the most derived method class defined for it wins.
+            cfg._method_class = cls
 
     def __init__(self, config: MethodConfig):
         if not isinstance(config, self.config_cls):
@@ -192,6 +298,19 @@ class SparseAttentionMethod:
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:
         """Raise ValueError (saying what to change) if this method cannot serve ``geometry``."""
+
+    def prepare(self, geometry: AttentionGeometry, device) -> None:
+        """Build and cache what calls on ``geometry`` need (default: nothing)."""
+
+    def static_mask(self, geometry: AttentionGeometry, device="cpu") -> BlockSparseMask:
+        """The block mask used for every call on ``geometry`` (methods with ``has_static_mask``)."""
+        raise ValueError(f"method {self.config.method!r} has no static mask (it selects blocks per call from q "
+                         "and k)")
+
+    def attended_pairs(self, geometry: AttentionGeometry) -> Optional[int]:
+        """(query, key) token pairs attended per batch element and head, when the static
+        mask's blocks hold padding; None: count them from the mask."""
+        return None
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """Sparse self-attention over video tokens.

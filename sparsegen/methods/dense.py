@@ -26,6 +26,3 @@ class DenseMethod(SparseAttentionMethod):
     def attention(self, q, k, v, call):  # never reached: every layer is dense
         raise RuntimeError("DenseMethod.attention should not be called; dense layers use the model's attention")
 
-
-CONFIG = DenseConfig
-METHOD = DenseMethod

@@ -13,30 +13,22 @@ Example::
 The published settings (ANCHORS): FLUX 256 x 256 tokens, window 80 x 80, stride 16 x 16;
 HunyuanVideo 30 x 48 x 80, window (18, 24, 24), stride (16, 8, 8). With the tiles
 :func:`sparsegen.neighborhood.choose_tiles` picks, both are perfectly block-sparse (no
-partial blocks): ``sparsegen mask gna --grid 30,48,80 --kernel 18,24,24 --stride 16,8,8``.
+partial blocks): ``sparsegen mask gna --grid 30,48,80 --kernel-size 18,24,24 --stride 16,8,8``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
 import torch
 
 from ..kernels import block_sparse_attention
-from ..neighborhood import (
-    DEFAULT_BLOCK_SIZE,
-    GNALayout,
-    NeighborhoodSpec,
-    mask_report_text,
-    neighborhood_layout,
-)
+from ..kernels import BlockSparseMask
+from ..neighborhood import DEFAULT_BLOCK_SIZE, GNALayout, NeighborhoodSpec, neighborhood_layout
 from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, config_error
 
-__all__ = ["GNAConfig", "GNAMethod", "add_mask_cli", "CONFIG", "METHOD"]
+__all__ = ["GNAConfig", "GNAMethod"]
 
 IntOrTuple = Union[int, tuple[int, ...]]
 
@@ -153,22 +145,31 @@ class GNAMethod(SparseAttentionMethod):
     """Neighborhood attention over the video tokens; the layout is cached per (geometry, device)."""
 
     config_cls = GNAConfig
+    has_static_mask = True
 
-    def layout_for(self, geometry: AttentionGeometry, device="cpu") -> GNALayout:
-        """Tile layouts and block mask used for ``geometry`` (cached)."""
+    def _layout(self, geometry: AttentionGeometry, device) -> tuple[GNALayout, float]:
+        """(tile layouts and block mask on ``device``, the mask's density as a host float)."""
         cfg = self.config
-        spec = cfg.spec_for(geometry)
         dev = torch.device(device)
 
         def build():
-            return neighborhood_layout(spec.grid, spec.kernel_size, spec.stride, spec.dilation, spec.is_causal,
-                                       tile=cfg.tile, kv_tile=cfg.kv_tile, block_size=cfg.block_size, device=dev)
+            spec = cfg.spec_for(geometry)
+            layout = neighborhood_layout(spec.grid, spec.kernel_size, spec.stride, spec.dilation, spec.is_causal,
+                                         tile=cfg.tile, kv_tile=cfg.kv_tile, block_size=cfg.block_size, device=dev)
+            return layout, layout.mask.density()
 
         return self.cached(("gna_layout", geometry, str(dev)), build)
 
-    def mask_for(self, geometry: AttentionGeometry, device="cpu"):
+    def layout_for(self, geometry: AttentionGeometry, device="cpu") -> GNALayout:
+        """Tile layouts and block mask used for ``geometry`` (cached)."""
+        return self._layout(geometry, device)[0]
+
+    def static_mask(self, geometry: AttentionGeometry, device="cpu") -> BlockSparseMask:
         """The block mask over *tiled* tokens used for ``geometry`` (see :meth:`layout_for`)."""
         return self.layout_for(geometry, device).mask
+
+    def prepare(self, geometry: AttentionGeometry, device) -> None:
+        self._layout(geometry, device)
 
     def attended_pairs(self, geometry: AttentionGeometry) -> int:
         """(query, key) token pairs the neighborhood attends, per batch element and head.
@@ -194,92 +195,10 @@ class GNAMethod(SparseAttentionMethod):
         if q.dim() != 4 or q.shape[1] != g.num_tokens:
             raise ValueError(f"q must be (batch, {g.num_tokens}, heads, head_dim) for geometry {g.grid}; "
                              f"got {tuple(q.shape)=}")
-        lay = self.layout_for(g, q.device)
+        lay, density = self._layout(g, q.device)
         qp = lay.q_layout.apply(q)
         kp = lay.kv_layout.apply(k)
         vp = lay.kv_layout.apply(v)
         out, lse = block_sparse_attention(qp, kp, vp, lay.mask, return_lse=True, backend=call.backend)
-        call.stats["density"] = lay.mask.density()
+        call.stats["density"] = density
         return lay.q_layout.invert(out), lay.q_layout.invert(lse, dim=2)
-
-
-CONFIG = GNAConfig
-METHOD = GNAMethod
-
-
-# ------------------------------------------------------------------------------ CLI
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 30,48,80, got {text!r}") from None
-    return vals
-
-
-def _bools(text: str) -> tuple[bool, ...]:
-    table = {"1": True, "true": True, "t": True, "yes": True, "0": False, "false": False, "f": False, "no": False}
-    out = []
-    for x in text.split(","):
-        if x.strip().lower() not in table:
-            raise argparse.ArgumentTypeError(f"expected comma-separated 0/1 (or true/false) like 1,0,0, got {text!r}")
-        out.append(table[x.strip().lower()])
-    return tuple(out)
-
-
-def _one_or_all(vals: tuple, nd: int, name: str):
-    if len(vals) == 1:
-        return vals * nd
-    if len(vals) != nd:
-        raise ValueError(f"--{name} has {len(vals)} values but --grid has {nd} axes; give 1 or {nd}")
-    return vals
-
-
-def add_mask_cli(subparsers) -> None:
-    """Add ``sparsegen mask gna``."""
-    p = subparsers.add_parser(
-        "gna", help="neighborhood attention mask: density, full/partial blocks, speedup bound, PNG",
-        description="Build the GNA block mask on tiled tokens and report its density, full and partial blocks "
-                    "and the upper-bound speedup (dense token pairs / computed token pairs). Without --tile the "
-                    "tile with the least wasted work is chosen and reported.",
-    )
-    p.add_argument("--grid", type=_ints, required=True, help="token grid, e.g. 30,48,80 (1 to 3 axes)")
-    p.add_argument("--kernel", type=_ints, required=True, help="window size per axis (or one value for all)")
-    p.add_argument("--stride", type=_ints, default=(1,), help="stride per axis (default 1)")
-    p.add_argument("--dilation", type=_ints, default=(1,), help="dilation per axis (default 1)")
-    p.add_argument("--causal", type=_bools, default=(False,), help="causal flag per axis, e.g. 1,0,0 (default 0)")
-    p.add_argument("--tile", type=_ints, default=None, help="query tile per axis (default: least wasted work)")
-    p.add_argument("--kv-tile", type=_ints, default=None, help="key tile per axis (default: --tile)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
-                   help="tokens per block for the automatic tile choice (default 128)")
-    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
-    p.add_argument("--png", metavar="PATH", default=None, help="render the block mask to this PNG file")
-    p.set_defaults(func=_run_mask_cli)
-
-
-def _run_mask_cli(args: argparse.Namespace) -> int:
-    try:
-        nd = len(args.grid)
-        kw = dict(
-            kernel_size=_one_or_all(args.kernel, nd, "kernel"),
-            stride=_one_or_all(args.stride, nd, "stride"),
-            dilation=_one_or_all(args.dilation, nd, "dilation"),
-            is_causal=_one_or_all(args.causal, nd, "causal"),
-        )
-        tile = None if args.tile is None else _one_or_all(args.tile, nd, "tile")
-        kv_tile = None if args.kv_tile is None else _one_or_all(args.kv_tile, nd, "kv-tile")
-        lay = neighborhood_layout(args.grid, tile=tile, kv_tile=kv_tile, block_size=args.block_size, **kw)
-    except (TypeError, ValueError) as e:
-        print(f"sparsegen mask gna: error: {e}", file=sys.stderr)
-        return 2
-    stats = lay.stats()
-    stats["tile_chosen"] = tile is None
-    if args.png:
-        lay.mask.render(args.png)
-        stats["png"] = args.png
-    if args.json:
-        print(json.dumps(stats, sort_keys=True))
-    else:
-        print(mask_report_text(stats, chosen=tile is None))
-        if args.png:
-            print(f"  wrote {args.png}")
-    return 0

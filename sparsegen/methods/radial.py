@@ -53,18 +53,15 @@ no key block at all; :func:`radial_block_mask` refuses it and suggests a block s
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 
 from ..kernels import BlockSparseMask, block_sparse_attention
-from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, config_error
+from ..kernels.mask import block_count
+from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, check_int, check_number
 
 __all__ = [
     "RadialConfig",
@@ -76,10 +73,7 @@ __all__ = [
     "radial_pair_width",
     "kept_blocks_per_distance",
     "unservable_query_block",
-    "add_mask_cli",
-    "CONFIG",
-    "METHOD",
-    "RECIPES",
+    "PRESETS",
 ]
 
 # Frame decimation compares the decay length with this fixed token count (the official
@@ -94,10 +88,6 @@ KEEP_SHARE = (3, 5)
 _MAX_TOKEN_MASK_TOKENS = 16384
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # ------------------------------------------------------------------- arguments
 def _check_int(name: str, value, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
@@ -107,15 +97,21 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
-def _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor) -> float:
-    _check_int("frames", frames, 1)
-    _check_int("tokens_per_frame", tokens_per_frame, 1)
-    _check_int("block_size", block_size, 1)
+def _check_decay_factor(decay_factor) -> float:
+    """The one check of ``decay_factor`` (the config and the public builders share it)."""
     if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)):
         raise TypeError(f"decay_factor must be a number, got {decay_factor!r} ({type(decay_factor).__name__})")
     if not (math.isfinite(decay_factor) and decay_factor > 0):
         raise ValueError(f"decay_factor must be a finite number > 0, got decay_factor={decay_factor!r}")
     return float(decay_factor)
+
+
+def _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor) -> float:
+    """Arguments of the public builders (the method path is checked by its config)."""
+    _check_int("frames", frames, 1)
+    _check_int("tokens_per_frame", tokens_per_frame, 1)
+    _check_int("block_size", block_size, 1)
+    return _check_decay_factor(decay_factor)
 
 
 # ------------------------------------------------------------------ definition
@@ -200,7 +196,7 @@ def radial_block_rule(
     if tuple(token_mask.shape) != (n, n):
         raise ValueError(f"token_mask must be (N, N) with N = frames * tokens_per_frame = {n}; "
                          f"got {tuple(token_mask.shape)=}")
-    nb = _cdiv(n, bs)
+    nb = block_count(n, bs)
     real_rows = torch.tensor([min(bs, n - a * bs) for a in range(nb)], device=token_mask.device)
     out = torch.zeros(nb, nb, dtype=torch.bool, device=token_mask.device)
     for i in range(frames):
@@ -232,7 +228,7 @@ def _row_frames(n: int, tpf: int, bs: int):
     Returns (frame, lo, hi, valid) each (S, Qb) int64/bool, plus real rows (Qb,):
     rows [lo, hi) of ``frame`` (local coordinates) lie in the block.
     """
-    nb = _cdiv(n, bs)
+    nb = block_count(n, bs)
     start = torch.arange(nb, dtype=torch.int64) * bs
     stop = torch.clamp(start + bs, max=n)
     first, last = start // tpf, (stop - 1) // tpf
@@ -288,9 +284,13 @@ def radial_block_matrix(
         bool (Qb, Kb), Qb = Kb = ceil(frames * tokens_per_frame / block_size).
     """
     decay = _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor)
-    tpf, bs = tokens_per_frame, block_size
+    return _radial_blocks(frames, tokens_per_frame, block_size, decay, sink).to(device)
+
+
+def _radial_blocks(frames: int, tpf: int, bs: int, decay: float, sink: bool) -> torch.Tensor:
+    """:func:`radial_block_matrix` on the CPU, for arguments already checked."""
     n = frames * tpf
-    nb = _cdiv(n, bs)
+    nb = block_count(n, bs)
     widths = _distance_widths(frames, tpf, bs, decay)
     frame, lo_all, hi_all, valid_all, real_all = _row_frames(n, tpf, bs)
     slots = frame.shape[0]
@@ -332,8 +332,7 @@ def radial_block_matrix(
         ones = torch.ones_like(rows, dtype=torch.int32)
         diff.index_put_((rows, left), ones, accumulate=True)
         diff.index_put_((rows, right + 1), -ones, accumulate=True)
-    blocks = torch.cumsum(diff, dim=1, dtype=torch.int32)[:, :nb] > 0
-    return blocks.to(device)
+    return torch.cumsum(diff, dim=1, dtype=torch.int32)[:, :nb] > 0
 
 
 def radial_block_mask(
@@ -367,16 +366,18 @@ def radial_block_mask(
         >>> round(m.sparsity(), 3)
         0.808
     """
-    _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor)
-    bad = unservable_query_block(frames=frames, tokens_per_frame=tokens_per_frame, block_size=block_size)
+    decay = _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor)
+    return _radial_mask(frames, tokens_per_frame, block_size, decay, sink).to(device)
+
+
+def _radial_mask(frames: int, tpf: int, bs: int, decay: float, sink: bool) -> BlockSparseMask:
+    """:func:`radial_block_mask` on the CPU, for arguments already checked (the geometry's servability included)."""
+    bad = unservable_query_block(frames=frames, tokens_per_frame=tpf, block_size=bs)
     if bad is not None:
-        raise ValueError(_unservable_message(frames, tokens_per_frame, block_size, bad))
-    blocks = radial_block_matrix(frames=frames, tokens_per_frame=tokens_per_frame, block_size=block_size,
-                                 decay_factor=decay_factor, sink=sink, device="cpu")
-    n = frames * tokens_per_frame
-    mask = BlockSparseMask.from_block_matrix(blocks, q_len=n, kv_len=n, q_block_size=block_size,
-                                             kv_block_size=block_size)
-    return mask.to(device)
+        raise ValueError(_unservable_message(frames, tpf, bs, bad))
+    n = frames * tpf
+    return BlockSparseMask.from_block_matrix(_radial_blocks(frames, tpf, bs, decay, sink), q_len=n, kv_len=n,
+                                             q_block_size=bs, kv_block_size=bs)
 
 
 def kept_blocks_per_distance(
@@ -406,9 +407,9 @@ def kept_blocks_per_distance(
 
 # ------------------------------------------------------------- config, method
 # Official settings per model (README and scripts of mit-han-lab/radial-attention), for
-# ``RadialConfig.recipe``. Steps are counted in the model's usual schedule (50 steps for
+# ``RadialConfig.preset``. Steps are counted in the model's usual schedule (50 steps for
 # Wan 2.1 and HunyuanVideo, 40 for Wan 2.2).
-RECIPES: dict[str, dict] = {
+PRESETS: dict[str, dict] = {
     "wan2.1": dict(decay_factor=0.2, dense_steps=12, dense_layers=1),
     "hunyuanvideo": dict(decay_factor=0.95, dense_steps=12, dense_layers=0),
     "wan2.2": dict(decay_factor=0.8, block_size=64, dense_steps=11, dense_layers=1),
@@ -424,17 +425,18 @@ class RadialConfig(MethodConfig):
     Args:
         decay_factor: band width scale for frame distances >= 2 (> 0). Default 1.0: the
             paper's definition, its sparsity table and the official scripts' default.
-            The official recipes use 0.2 (Wan 2.1-14B), 0.95 (HunyuanVideo), 0.8 (Wan 2.2).
+            The official presets use 0.2 (Wan 2.1-14B), 0.95 (HunyuanVideo), 0.8 (Wan 2.2).
         block_size: query/key block size in tokens, a multiple of 16 (default 128, the
             official value; Wan 2.2 uses 64).
         sink: key frame 0 is attended in full by every frame (default True, as in the paper).
         dense_steps, dense_last_steps, dense_layers, backend, version: see MethodConfig.
             The defaults keep every step and layer sparse, like the official scripts'
-            defaults; the official quality settings are in :data:`RECIPES`
-            (``RadialConfig.recipe("wan2.1")``).
+            defaults; the official quality settings are the presets
+            (``RadialConfig.preset("wan2.1")``, :data:`PRESETS`).
     """
 
     method: ClassVar[str] = "radial"
+    presets: ClassVar[dict] = PRESETS
     decay_factor: float = 1.0
     block_size: int = 128
     sink: bool = True
@@ -442,45 +444,43 @@ class RadialConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()
         name = type(self).__name__
-        d = self.decay_factor
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
-            raise config_error(name, "decay_factor", d, "must be a finite number > 0 (e.g. 0.2 to 1.0)")
-        object.__setattr__(self, "decay_factor", float(d))
-        b = self.block_size
-        if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b % 16:
-            raise config_error(name, "block_size", b, "must be a positive multiple of 16 (e.g. 64 or 128)")
+        try:
+            object.__setattr__(self, "decay_factor", _check_decay_factor(self.decay_factor))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}.decay_factor={self.decay_factor!r} is invalid: must be a finite number > 0 "
+                             "(e.g. 0.2 to 1.0)") from None
+        check_int(name, "block_size", self.block_size, low=16, multiple_of=16, what="e.g. 64 or 128")
         if not isinstance(self.sink, bool):
-            raise config_error(name, "sink", self.sink, "must be True or False")
-
-    @classmethod
-    def recipe(cls, model: str, **overrides) -> "RadialConfig":
-        """The official settings for a model (keys of :data:`RECIPES`), with overrides."""
-        if model not in RECIPES:
-            raise ValueError(f"no radial recipe for model {model!r}; recipes: {sorted(RECIPES)}")
-        return cls(**{**RECIPES[model], **overrides})
+            raise ValueError(f"{name}.sink={self.sink!r} is invalid: must be True or False")
 
 
 class RadialMethod(SparseAttentionMethod):
     """Radial attention over the video tokens; the mask is cached per (geometry, device)."""
 
     config_cls = RadialConfig
+    has_static_mask = True
 
-    def _mask(self, geometry: AttentionGeometry, device) -> BlockSparseMask:
+    def _mask(self, geometry: AttentionGeometry, device) -> tuple[BlockSparseMask, float]:
+        """(mask on ``device``, its density as a host float), built once per geometry on the CPU."""
         device = torch.device(device)
 
         def build():
             if device.type != "cpu":
-                return self._mask(geometry, "cpu").to(device)
+                mask, density = self._mask(geometry, "cpu")
+                return mask.to(device), density
             cfg = self.config
-            return radial_block_mask(frames=geometry.frames, tokens_per_frame=geometry.tokens_per_frame,
-                                     block_size=cfg.block_size, decay_factor=cfg.decay_factor, sink=cfg.sink)
+            mask = _radial_mask(geometry.frames, geometry.tokens_per_frame, cfg.block_size, cfg.decay_factor,
+                                cfg.sink)
+            return mask, mask.density()
 
         return self.cached(("radial_mask", geometry, str(device)), build)
 
-    def mask_for(self, geometry: AttentionGeometry, device="cpu") -> BlockSparseMask:
+    def static_mask(self, geometry: AttentionGeometry, device="cpu") -> BlockSparseMask:
         """The block mask this method uses for ``geometry`` (cached)."""
-        self.check_geometry(geometry)
-        return self._mask(geometry, device)
+        return self._mask(geometry, device)[0]
+
+    def prepare(self, geometry: AttentionGeometry, device) -> None:
+        self._mask(geometry, device)
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:
         """Raise ValueError when a query block would visit no key block (tiny frames)."""
@@ -505,69 +505,6 @@ class RadialMethod(SparseAttentionMethod):
                 f"radial attention expects q of shape (batch, {g.num_tokens}, heads, head_dim) for geometry "
                 f"{g.grid}; got {tuple(q.shape)=}"
             )
-        self.check_geometry(g)
-        mask = self._mask(g, q.device)
-        call.stats["density"] = mask.density()
+        mask, density = self._mask(g, q.device)
+        call.stats["density"] = density
         return block_sparse_attention(q, k, v, mask, return_lse=True, backend=call.backend)
-
-
-CONFIG = RadialConfig
-METHOD = RadialMethod
-
-
-# ------------------------------------------------------------------------ CLI
-def add_mask_cli(subparsers) -> None:
-    """Add ``sparsegen mask radial``."""
-    p = subparsers.add_parser(
-        "radial", help="radial attention mask: density, kept blocks per frame distance, PNG",
-        description="Build the radial attention block mask for a video token grid and report it. "
-                    "Per-distance counts are the kept blocks of the pair (query frame d+1, key frame 1) "
-                    "(with --no-sink: (d, 0)); blocks straddling a frame boundary count for each pair they meet.",
-    )
-    p.add_argument("--frames", type=int, required=True, help="latent frames")
-    p.add_argument("--tokens-per-frame", type=int, required=True, help="tokens per latent frame (h x w after patchify)")
-    p.add_argument("--block-size", type=int, default=128, help="block size in tokens (default 128)")
-    p.add_argument("--decay", type=float, default=1.0, help="decay factor (default 1.0, the paper's sparsity setting)")
-    p.add_argument("--no-sink", action="store_true", help="do not attend key frame 0 in full")
-    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
-    p.add_argument("--png", metavar="PATH", default=None, help="render the block mask to this PNG file")
-    p.set_defaults(func=_run_mask_cli)
-
-
-def _run_mask_cli(args: argparse.Namespace) -> int:
-    sink = not args.no_sink
-    try:
-        tic = time.perf_counter()
-        mask = radial_block_mask(frames=args.frames, tokens_per_frame=args.tokens_per_frame,
-                                 block_size=args.block_size, decay_factor=args.decay, sink=sink)
-        build_seconds = time.perf_counter() - tic  # first build in this process, cold
-    except (TypeError, ValueError) as e:
-        print(f"sparsegen mask radial: error: {e}", file=sys.stderr)
-        return 2
-    blocks = mask.to_block_matrix()[0, 0]
-    per_distance = kept_blocks_per_distance(blocks, frames=args.frames, tokens_per_frame=args.tokens_per_frame,
-                                            block_size=args.block_size, sink=sink)
-    kept, total = mask.num_visited_blocks(), blocks.numel()
-    if args.png:
-        mask.render(args.png)
-    if args.json:
-        print(json.dumps({
-            "density": mask.density(), "kept_blocks": kept, "total_blocks": total,
-            "per_distance": {str(d): c for d, c in per_distance.items()},
-            "frames": args.frames, "tokens_per_frame": args.tokens_per_frame, "block_size": args.block_size,
-            "decay_factor": args.decay, "sink": sink, "png": args.png, "build_seconds": build_seconds,
-        }))
-        return 0
-    n = args.frames * args.tokens_per_frame
-    k0 = 1 if sink and args.frames > 1 else 0
-    print(f"radial mask: {args.frames} frames x {args.tokens_per_frame} tokens = {n} tokens, "
-          f"block {args.block_size}, decay {args.decay:g}, sink {'on' if sink else 'off'}")
-    print(f"density {mask.density():.4f} (sparsity {100 * mask.sparsity():.2f}%): "
-          f"{kept} of {total} blocks kept ({mask.shape[2]} x {mask.shape[3]} grid); "
-          f"built in {build_seconds:.2f} s")
-    print(f"kept blocks of the pair (query frame d+{k0}, key frame {k0}) per distance d:")
-    for d, c in per_distance.items():
-        print(f"  d={d:<4d} {c}")
-    if args.png:
-        print(f"wrote {args.png}")
-    return 0

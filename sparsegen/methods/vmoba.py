@@ -72,19 +72,16 @@ Benchmarks and custom models can build one layer's mask directly with
 
 from __future__ import annotations
 
-import argparse
 import enum
 import functools
-import json
 import math
-import sys
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 
 from ..kernels import BlockSparseMask, block_sparse_attention
-from ..tiling import TokenPermutation, partition_layout
+from ..tiling import TokenPermutation, check_grid, partition_layout
 from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, config_error
 
 __all__ = [
@@ -98,10 +95,8 @@ __all__ = [
     "vmoba_block_scores",
     "select_blocks",
     "vmoba_mask",
+    "vmoba_selection",
     "vmoba_attention",
-    "add_mask_cli",
-    "CONFIG",
-    "METHOD",
 ]
 
 # Smallest key block the torch path uses for unpadded keys (smaller blocks cost more in
@@ -165,6 +160,7 @@ class VMoBAConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "vmoba"
+    presets: ClassVar[dict] = PRESETS
     temporal_block: int = 3
     spatial_block: tuple[int, int] = (5, 13)
     spatiotemporal_block: tuple[int, int, int] = (7, 5, 13)
@@ -210,13 +206,6 @@ class VMoBAConfig(MethodConfig):
         if not (_is_number(f) and 0 <= f < 1):
             raise config_error(name, "dense_step_fraction", f, "must be a number in [0, 1) (0.25: first quarter)")
         object.__setattr__(self, "dense_step_fraction", float(f))
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "VMoBAConfig":
-        """The paper's settings (keys of :data:`PRESETS`), with overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"no VMoBA preset {name!r}; presets: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
     def top_k_for(self, layer: int) -> int:
         """``top_k`` of the layer's kind."""
@@ -347,18 +336,6 @@ class VMoBAPartition:
                                                  tile_ids=tile_ids, tiles=self.tiles.to(selected.device))
 
 
-def _check_grid(grid) -> tuple[int, int, int]:
-    if isinstance(grid, AttentionGeometry):
-        return grid.grid
-    try:
-        g = tuple(grid)
-    except TypeError:
-        raise TypeError(f"grid must be (frames, height, width) token counts, got {grid!r}") from None
-    if len(g) != 3 or not all(_is_int(x) for x in g):
-        raise ValueError(f"grid must be 3 positive ints (frames, height, width) after patchify, got {grid!r}")
-    return g
-
-
 def vmoba_partition(grid, layer: int, config: VMoBAConfig) -> VMoBAPartition:
     """The partition layer ``layer`` uses on ``grid`` (kind ``layer % 3``), laid out for the kernel.
 
@@ -367,7 +344,7 @@ def vmoba_partition(grid, layer: int, config: VMoBAConfig) -> VMoBAPartition:
         layer: patched layer index >= 0.
         config: block extents and block size.
     """
-    g = _check_grid(grid)
+    g = check_grid(grid, 3)
     if not _is_int(layer, 0):
         raise ValueError(f"layer must be an int >= 0, got layer={layer!r}")
     return _build_partition(g, layer % 3, config.block_extent(layer, g), config.block_size)
@@ -504,7 +481,7 @@ def _partition_for_inputs(q, k, grid, layer, config) -> tuple[VMoBAConfig, VMoBA
     config = VMoBAConfig() if config is None else config
     if not isinstance(config, VMoBAConfig):
         raise TypeError(f"config must be a VMoBAConfig, got {type(config).__name__}")
-    g = _check_grid(grid)
+    g = check_grid(grid, 3)
     _check_qk(q, k, g)
     return config, vmoba_partition(g, layer, config).to(q.device)
 
@@ -515,6 +492,20 @@ def _select_for(partition: VMoBAPartition, qp: torch.Tensor, kp: torch.Tensor, l
         scores = vmoba_block_scores(qp.detach(), kp.detach(), partition)
         return select_blocks(scores, partition.query_block_owner, selection=config.selection,
                              top_k=config.top_k_for(layer), threshold=config.threshold)
+
+
+def vmoba_selection(q: torch.Tensor, k: torch.Tensor, grid, layer: int,
+                    config: Optional[VMoBAConfig] = None) -> tuple[VMoBAPartition, torch.Tensor]:
+    """The partition of layer ``layer`` and the partition blocks each query block selects
+    (arguments as :func:`vmoba_mask`).
+
+    Returns:
+        (partition, selected bool (B, H, Qb, P)); ``partition.block_mask(selected)`` is
+        the layer's kernel mask.
+    """
+    config, part = _partition_for_inputs(q, k, grid, layer, config)
+    qp, kp = part.permutation.apply(q), part.permutation.apply(k)
+    return part, _select_for(part, qp, kp, layer, config)
 
 
 def vmoba_mask(q: torch.Tensor, k: torch.Tensor, grid, layer: int,
@@ -537,9 +528,8 @@ def vmoba_mask(q: torch.Tensor, k: torch.Tensor, grid, layer: int,
         >>> mask, perm = vmoba_mask(q, k, (21, 30, 52), layer=2, config=VMoBAConfig.preset("training-free"))
         >>> out = perm.invert(block_sparse_attention(perm.apply(q), perm.apply(k), perm.apply(v), mask))
     """
-    config, part = _partition_for_inputs(q, k, grid, layer, config)
-    qp, kp = part.permutation.apply(q), part.permutation.apply(k)
-    return part.block_mask(_select_for(part, qp, kp, layer, config)), part.permutation
+    part, selected = vmoba_selection(q, k, grid, layer, config)
+    return part.block_mask(selected), part.permutation
 
 
 def _attend(part: VMoBAPartition, q, k, v, layer: int, config: VMoBAConfig, backend: str, stats: Optional[dict]):
@@ -559,11 +549,13 @@ def _attend(part: VMoBAPartition, q, k, v, layer: int, config: VMoBAConfig, back
         vp = perm.apply(v)
     out, lse = block_sparse_attention(qp, kp, vp, mask, return_lse=True, backend=backend)
     if stats is not None:
+        # Kept on the device (0-dim tensors): read only when a user asks for them.
         n = perm.num_tokens
         pairs = (selected.double() * part.query_block_tokens.to(selected.device).view(-1, 1)
                  * part.block_tokens.to(selected.device).view(1, -1)).sum() / (n * n)
-        stats["density"] = mask.density()
-        stats["token_density"] = float(pairs) / (selected.shape[0] * selected.shape[1])
+        b, h, qb, kb = mask.shape
+        stats["density"] = mask.kv_num_blocks.sum(dtype=torch.float64) / (b * h * qb * kb)
+        stats["token_density"] = pairs / (selected.shape[0] * selected.shape[1])
         stats["blocks"] = part.num_blocks
     return perm.invert(out), perm.invert(lse, dim=2)
 
@@ -613,6 +605,10 @@ class VMoBAMethod(SparseAttentionMethod):
         for kind in range(3):
             self.partition_for(geometry, kind)
 
+    def prepare(self, geometry: AttentionGeometry, device) -> None:
+        for kind in range(3):
+            self.partition_for(geometry, kind, device)
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """VMoBA attention of layer ``call.layer``.
 
@@ -629,95 +625,3 @@ class VMoBAMethod(SparseAttentionMethod):
                              f"geometry {g.grid}; got {tuple(q.shape)=}")
         part = self.partition_for(g, call.layer, q.device)
         return _attend(part, q, k, v, call.layer, self.config, call.backend, call.stats)
-
-
-CONFIG = VMoBAConfig
-METHOD = VMoBAMethod
-
-
-# ------------------------------------------------------------------------ CLI
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 21,30,52, got {text!r}") from None
-
-
-def add_mask_cli(subparsers) -> None:
-    """Add ``sparsegen mask vmoba``."""
-    p = subparsers.add_parser(
-        "vmoba", help="VMoBA masks of one layer of each kind on seeded Gaussian q, k: blocks, padding, density",
-        description="Build the VMoBA masks of layers 0, 1, 2 (temporal, spatial, spatiotemporal partitions) for a "
-                    "token grid. The selection depends on the queries and keys; this command draws them from a "
-                    "seeded standard normal distribution, so threshold-mode densities are those of unstructured "
-                    "inputs, not of a trained model.",
-    )
-    p.add_argument("--grid", type=_ints, required=True, help="token grid frames,height,width, e.g. 21,30,52")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a preset (default: defaults)")
-    p.add_argument("--selection", choices=[s.value for s in Selection], default=None, help="selection mode")
-    p.add_argument("--top-k", type=_ints, default=None, help="top-k per layer kind (1 or 3 values)")
-    p.add_argument("--threshold", type=float, default=None, help="threshold for the threshold modes")
-    p.add_argument("--block-size", type=int, default=None, help="query / kernel block size")
-    p.add_argument("--heads", type=int, default=2, help="heads of the random inputs (default 2)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dim of the random inputs (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
-    p.add_argument("--png", metavar="PATH", default=None,
-                   help="render the masks (first head) to PATH with the layer index before the suffix")
-    p.set_defaults(func=_run_mask_cli)
-
-
-def _run_mask_cli(args: argparse.Namespace) -> int:
-    overrides = {}
-    if args.selection is not None:
-        overrides["selection"] = args.selection
-    if args.top_k is not None:
-        overrides["top_k"] = args.top_k[0] if len(args.top_k) == 1 else args.top_k
-    if args.threshold is not None:
-        overrides["threshold"] = args.threshold
-    if args.block_size is not None:
-        overrides["block_size"] = args.block_size
-    try:
-        cfg = VMoBAConfig.preset(args.preset, **overrides) if args.preset else VMoBAConfig(**overrides)
-        grid = _check_grid(args.grid)
-        for name in ("heads", "head_dim"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    except (TypeError, ValueError) as e:
-        print(f"sparsegen mask vmoba: error: {e}", file=sys.stderr)
-        return 2
-    n = math.prod(grid)
-    gen = torch.Generator().manual_seed(args.seed)
-    q = torch.randn(1, n, args.heads, args.head_dim, generator=gen)
-    k = torch.randn(1, n, args.heads, args.head_dim, generator=gen)
-    layers = []
-    for layer in range(3):
-        part = vmoba_partition(grid, layer, cfg)
-        qp, kp = part.permutation.apply(q), part.permutation.apply(k)
-        selected = _select_for(part, qp, kp, layer, cfg)
-        mask = part.block_mask(selected)
-        pairs = (selected.double() * part.query_block_tokens.view(-1, 1) * part.block_tokens.view(1, -1)).sum()
-        row = dict(layer=layer, kind=LAYER_KINDS[layer], extent=list(part.extent), blocks=part.num_blocks,
-                   kernel_tokens=part.length, padding=part.length - n, density=mask.density(),
-                   token_density=float(pairs) / (args.heads * n * n),
-                   selected_blocks_per_query_block=float(selected.sum(-1).double().mean()))
-        if args.png:
-            stem, dot, suffix = args.png.rpartition(".")
-            path = f"{stem}_layer{layer}.{suffix}" if dot else f"{args.png}_layer{layer}"
-            mask.render(path, heads=[0])
-            row["png"] = path
-        layers.append(row)
-    if args.json:
-        print(json.dumps(dict(grid=list(grid), tokens=n, config=cfg.to_dict(), inputs="gaussian", seed=args.seed,
-                              heads=args.heads, head_dim=args.head_dim, layers=layers), sort_keys=True))
-        return 0
-    sel = cfg.selection.value
-    how = (f"top_k {cfg.top_k}" if cfg.selection == Selection.TOPK else f"threshold {cfg.threshold:g}")
-    print(f"VMoBA masks: grid {grid} = {n} tokens, selection {sel} ({how}), block {cfg.block_size}; "
-          f"Gaussian q, k (seed {args.seed}, {args.heads} heads, head_dim {args.head_dim})")
-    for r in layers:
-        print(f"  layer {r['layer']} {r['kind']:<14} blocks {r['blocks']:>4} of {tuple(r['extent'])}  "
-              f"padding {r['padding']:>5}  density {r['density']:.4f}  token density {r['token_density']:.4f}  "
-              f"blocks/query block {r['selected_blocks_per_query_block']:.2f}" + (f"  -> {r['png']}" if args.png
-                                                                                     else ""))
-    return 0

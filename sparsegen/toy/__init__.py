@@ -5,10 +5,10 @@
     >>> toy.generate(pipe, ["a red circle moving right over a striped background"], seed=0).shape
     (1, 17, 32, 32, 3)
 
-Submodules: ``data`` (procedural videos with ground truth), ``codec`` (lossless latent
-space), ``text`` (prompt encoder), ``pipeline`` (load / build / generate), ``train``
-(flow-matching training), ``metrics`` (PSNR, SSIM, prompt checks), ``probe`` (attention
-recording and locality).
+Submodules: ``data`` (procedural videos with ground truth, also a training data
+source), ``codec`` (lossless latent space), ``text`` (prompt encoder), ``pipeline``
+(load / build / generate). The model's trainer, metrics and attention probes serve
+evaluations only and live in ``evals/toylab``.
 """
 
 import importlib

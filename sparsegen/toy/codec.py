@@ -11,7 +11,7 @@ Wan's VAE: the first frame alone, then groups of ``temporal_factor`` frames::
 
 Decoding inverts it exactly (frame 0 is the mean of its t copies). The pipeline
 normalises latents with per-channel ``latents_mean`` / ``latents_std`` held in the
-config, measured on the training data (see ``sparsegen.toy.train``).
+config, measured on the training data (see ``toylab.train`` in evals/).
 
 The class exposes what ``WanPipeline`` reads from its ``vae``: ``config.z_dim``,
 ``config.latents_mean``, ``config.latents_std``, ``config.scale_factor_temporal``,

@@ -54,14 +54,15 @@ FLOW_SHIFT = 3.0  # sigma shift used both to sample training noise levels and at
 PREDICTION_TYPES = ("sample", "flow_prediction")
 DEFAULT_PREDICTION_TYPE = "sample"
 
-# Method options that suit this model's 320-token grid (5 x 8 x 8): the methods' own
-# defaults assume real models' 128-token blocks, which would leave 3 query blocks here.
-# The first 5 of 20 steps run dense, as published recipes keep the first quarter or so
-# of the steps dense. `sparsegen generate` uses them when no option is given.
+# This model's preset of each method: options that suit its 320-token grid (5 x 8 x 8);
+# the methods' own defaults assume real models' 128-token blocks, which would leave 3
+# query blocks here. The first 5 of 20 steps run dense, as published presets keep the
+# first quarter or so of the steps dense. `sparsegen generate` starts from them; an
+# option the user gives overrides that field only.
 # VMoBA partitions of the 5 x 8 x 8 grid (1D: one latent frame; 2D: 2 x 4 tokens over
 # all frames; 3D: 1 x 4 x 4) with 16-token kernel blocks.
 VMOBA_BLOCKS = dict(temporal_block=1, spatial_block=(2, 4), spatiotemporal_block=(1, 4, 4), block_size=16)
-RECOMMENDED_METHOD_OPTIONS: dict[str, dict] = {
+PRESETS: dict[str, dict] = {
     "radial": dict(block_size=64, dense_steps=5),
     "gna": dict(kernel_size=(3, 5, 5), block_size=16, dense_steps=5),
     "vmoba": dict(VMOBA_BLOCKS, top_k=(2, 3, 8), dense_steps=5),

@@ -19,19 +19,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from .. import apply
-from ..methods import METHOD_MODULES, register_method
-from ..methods.base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod
+from sparsegen import apply
+from sparsegen.methods.base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod
 
 __all__ = ["AttentionRecord", "record_attention_inputs", "dense_attention", "attention_probabilities",
            "locality_profile", "LocalityProfile"]
 
-_RECORDER_NAME = "toy_attention_recorder"
 
 
 @dataclass
@@ -103,12 +101,8 @@ def record_attention_inputs(pipe, *, steps=None, layers=None, max_calls_per_step
     wanted_layers = None if layers is None else set(int(l) for l in layers)
     seen: dict = {}
 
-    @dataclass(frozen=True)
-    class _RecorderConfig(MethodConfig):
-        method: ClassVar[str] = _RECORDER_NAME
-
     class _Recorder(SparseAttentionMethod):
-        config_cls = _RecorderConfig
+        """Dense attention that keeps its inputs (a method object handed to apply; no name registered)."""
 
         def attention(self, q, k, v, call):
             step = -1 if call.step is None else call.step
@@ -124,17 +118,11 @@ def record_attention_inputs(pipe, *, steps=None, layers=None, max_calls_per_step
             call.stats["density"] = 1.0
             return dense_attention(q, k, v)
 
-    if _RECORDER_NAME in METHOD_MODULES:
-        raise RuntimeError(f"record_attention_inputs is already active (method {_RECORDER_NAME!r} is registered)")
-    register_method(_RecorderConfig, _Recorder)
+    handle = apply(pipe, _Recorder(MethodConfig()))
     try:
-        handle = apply(pipe, _RecorderConfig())
-        try:
-            yield records
-        finally:
-            handle.remove()
+        yield records
     finally:
-        METHOD_MODULES.pop(_RECORDER_NAME, None)
+        handle.remove()
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import (
+from sparsegen.toy.data import (
     BACKGROUND_MAX_SATURATION, CENTRE_BRIGHTENING, COLOURS, DIRECTIONS, OBJECT_MIN_SATURATION, OUTLINE_DARKENING,
     RADIUS_RANGE_PX, REFERENCE_SIZE_PX, TRIANGLE_CIRCUMRADIUS,
 )
@@ -125,7 +125,7 @@ def _ndimage():
     try:
         from scipy import ndimage
     except ImportError as exc:
-        raise ImportError("sparsegen.toy.metrics measures videos with scipy.ndimage: "
+        raise ImportError("toylab.metrics measures videos with scipy.ndimage: "
                           "pip install scipy (or install sparsegen with the 'evals' extra)") from exc
     return ndimage
 

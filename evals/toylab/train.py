@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import pipeline as toy_pipeline
-from .codec import PixelShuffleVideoCodec
-from .data import SEED_RANGE_SIZE, SEED_RANGES, render_batch
+from sparsegen.toy import pipeline as toy_pipeline
+from sparsegen.toy.codec import PixelShuffleVideoCodec
+from sparsegen.toy.data import SEED_RANGE_SIZE, SEED_RANGES, render_batch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
