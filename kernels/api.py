@@ -1,7 +1,9 @@
-"""Public entry point of the engine: ``block_sparse_attention`` and backend predicates."""
+"""Public entry point of the engine: ``block_sparse_attention``, the ``Backend`` names and
+one ``can_run_<backend>`` predicate per backend."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 from typing import Optional, Union
@@ -11,11 +13,41 @@ import torch
 from .mask import BlockSparseMask
 from .quant import QuantConfig, resolve_quant
 
-__all__ = ["block_sparse_attention", "can_run_triton", "can_run_torch", "BACKENDS"]
+__all__ = ["block_sparse_attention", "can_run_triton", "can_run_torch", "can_run_flex", "Backend", "BACKENDS"]
 
 logger = logging.getLogger("sparsegen.kernels")
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+
+class Backend(str, enum.Enum):
+    """The backends of :func:`block_sparse_attention`. Each member equals its string
+    (``Backend.TORCH == "torch"``), so either spelling is accepted wherever a backend is."""
+
+    AUTO = "auto"            # triton on CUDA, else torch; logs why at DEBUG level
+    TRITON = "triton"        # our Triton kernels (CUDA; CPU only in Triton's interpreter)
+    TORCH = "torch"          # our PyTorch path (any device; the fast CPU path)
+    FLEX = "flex"            # PyTorch FlexAttention, compiled (CPU: inference without LSE)
+    REFERENCE = "reference"  # dense masked attention in fp64: the test oracle, small inputs
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The backend names as plain strings (kept for code that imported the tuple).
+BACKENDS = tuple(b.value for b in Backend)
+
+
+def _resolve_backend(backend: Union[str, Backend]) -> Backend:
+    if isinstance(backend, Backend):
+        return backend
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or sparsegen.kernels.Backend, got {type(backend).__name__} "
+                        f"({backend!r}); use one of {BACKENDS}")
+    try:
+        return Backend(backend)
+    except ValueError:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}") from None
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -61,6 +93,23 @@ def can_run_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Block
     return True
 
 
+def can_run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
+                 quant: Optional[QuantConfig] = None, *, raise_error: bool = False, return_lse: bool = False) -> bool:
+    """Whether compiled FlexAttention (``backend="flex"``) can serve these inputs.
+
+    It serves CUDA (forward, LSE, backward; head_dim >= 16, block sizes multiples of 16)
+    and, for inference without the LSE, x86 CPUs with AVX2; never quantized attention.
+    ``return_lse`` and inputs that require grad count, since flex on CPU serves neither.
+    With ``raise_error=True`` the first reason it cannot is raised as ``ValueError``.
+    """
+    from .flex_backend import flex_support_error
+
+    err = flex_support_error(q, k, v, mask, quant, return_lse=return_lse)
+    if err is not None:
+        return _fail(err, raise_error)
+    return True
+
+
 def _check_inputs(q, k, v, mask) -> BlockSparseMask:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -103,7 +152,7 @@ def block_sparse_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     quant: Union[None, str, QuantConfig] = None,
-    backend: str = "auto",
+    backend: Union[str, Backend] = Backend.AUTO,
 ):
     """Attention that visits only the key blocks a block mask lists.
 
@@ -117,9 +166,11 @@ def block_sparse_attention(
         return_lse: also return the log-sum-exp, fp32 (B, H, Sq), natural log.
         quant: ``None``, a preset (``"int8"``, ``"int4"``, ``"int8-pv8"``, ``"int4-pv8"``)
             or a :class:`QuantConfig`. Quantized attention is inference-only.
-        backend: ``"auto"`` (Triton on CUDA, else torch; logs why at DEBUG level),
-            ``"triton"``, ``"torch"`` or ``"reference"`` (dense fp64 oracle, small inputs).
-            An explicit backend never falls back: it raises if it cannot run.
+        backend: a :class:`Backend` or its string: ``"auto"`` (Triton on CUDA, else torch;
+            logs why at DEBUG level), ``"triton"``, ``"torch"``, ``"flex"`` (compiled
+            FlexAttention; on CPU inference without the LSE, see :func:`can_run_flex`) or
+            ``"reference"`` (dense fp64 oracle, small inputs). An explicit backend never
+            falls back: it raises if it cannot run.
 
     Returns:
         out (B, Sq, H, D) in q's dtype, and with ``return_lse`` the LSE.
@@ -133,15 +184,14 @@ def block_sparse_attention(
         >>> mask = BlockSparseMask.from_block_matrix(torch.eye(8, dtype=torch.bool) | ..., q_len=1000, ...)
         >>> out = block_sparse_attention(q, k, v, mask)
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    backend = _resolve_backend(backend)
     mask = _check_inputs(q, k, v, mask)
     qcfg = resolve_quant(quant)
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
-    if backend == "auto":
+    if backend == Backend.AUTO:
         if can_run_triton(q, k, v, mask, qcfg) and q.device.type == "cuda":
-            backend = "triton"
+            backend = Backend.TRITON
         else:
             if logger.isEnabledFor(logging.DEBUG):
                 try:
@@ -150,18 +200,23 @@ def block_sparse_attention(
                 except ValueError as e:
                     reason = str(e)
                 logger.debug("block_sparse_attention: auto chose 'torch' (triton rejected: %s)", reason)
-            backend = "torch"
+            backend = Backend.TORCH
 
-    if backend == "triton":
+    if backend == Backend.TRITON:
         can_run_triton(q, k, v, mask, qcfg, raise_error=True)
         from .ops import triton_block_sparse_attention
 
         out, lse = triton_block_sparse_attention(q, k, v, mask, scale=sm_scale, quant=qcfg)
-    elif backend == "torch":
+    elif backend == Backend.TORCH:
         can_run_torch(q, k, v, mask, qcfg, raise_error=True)
         from .torch_backend import torch_block_sparse_attention
 
         out, lse = torch_block_sparse_attention(q, k, v, mask, scale=sm_scale, quant=qcfg)
+    elif backend == Backend.FLEX:
+        can_run_flex(q, k, v, mask, qcfg, raise_error=True, return_lse=return_lse)
+        from .flex_backend import flex_block_sparse_attention
+
+        out, lse = flex_block_sparse_attention(q, k, v, mask, scale=sm_scale, return_lse=return_lse)
     else:
         from .reference import reference_attention
 
