@@ -165,7 +165,7 @@ def densities(handle) -> dict:
     """Mean over steps of the per-step density (dense calls count 1), and over sparse calls only."""
     per_step = [d for _, d in handle.step_densities()]
     sparse_sum = float(sum(s["density_sum"] - s["dense_calls"] for s in handle.step_stats))
-    sparse_calls = sum(s["sparse_calls"] for s in handle.step_stats)
+    sparse_calls = int(sum(s["sparse_calls"] for s in handle.step_stats))
     return {"effective_density": float(np.mean(per_step)) if per_step else 1.0,
             "sparse_call_density": sparse_sum / sparse_calls if sparse_calls else None}
 

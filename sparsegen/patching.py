@@ -165,8 +165,9 @@ class SparseHandle:
         adapter: the model adapter in use.
         step, num_steps: the current denoising step (0-based) and the generation's total,
             when known.
-        step_stats: per step, {"step", "density_sum", "sparse_calls", "dense_calls"};
-            ``density_sum`` may be a device tensor (read it with :meth:`step_densities`).
+        step_stats: per finished step, {"step", "density_sum", "sparse_calls",
+            "dense_calls"} as 0-dim device tensors (read them with :meth:`step_densities`,
+            or ``float``/``int`` them yourself between steps), plus the step in progress.
     """
 
     def __init__(self, target, method: SparseAttentionMethod):
@@ -185,11 +186,15 @@ class SparseHandle:
         self.num_steps: Optional[int] = None
         self._step_is_dense = False
         self._counts_scheduler_steps = False
+        self._steps_given = False
         self._last_timestep: Optional[float] = None
         self._geometry: dict[int, AttentionGeometry] = {}
         self._current_transformer = 0
         self._prepared: set = set()
-        self.step_stats: list[dict] = []
+        self._finished_steps: list[dict] = []
+        # Per-call statistics of the step in progress, accumulated on the device in place
+        # ([density sum, sparse calls, dense calls]); set aside at each step boundary.
+        self._step_totals: Optional[torch.Tensor] = None
         self._install(target)
 
     # ------------------------------------------------------------------ install
@@ -285,7 +290,7 @@ class SparseHandle:
             f, h, w = adapter.token_grid(mod, hs)
             self._current_transformer = tidx
             self._prepare(tidx, f, h, w, str(hs.device))
-            if not self._counts_scheduler_steps:
+            if not (self._counts_scheduler_steps or self._steps_given):
                 self._step_from_timestep(arguments.get(adapter.timestep_arg))
 
         self._hooks.append(transformer.register_forward_pre_hook(read_inputs, with_kwargs=True))
@@ -299,6 +304,8 @@ class SparseHandle:
         """
         geometry = AttentionGeometry(frames, height, width)
         self._geometry[tidx] = geometry
+        if self._step_totals is None or str(self._step_totals.device) != device:
+            self._step_totals = torch.zeros(3, dtype=torch.float64, device=device)
         if (geometry, device) not in self._prepared:
             self.method.check_geometry(geometry)
             self.method.prepare(geometry, torch.device(device))
@@ -326,11 +333,11 @@ class SparseHandle:
         def new_generation():
             ts = getattr(sched, "timesteps", None)
             self.reset_schedule(len(ts) if ts is not None else None)
-            self.set_step(0)
+            self._advance_to(0)
 
         def next_step():
             if self.step is not None:
-                self.set_step(self.step + 1)
+                self._advance_to(self.step + 1)
 
         wrap("set_timesteps", new_generation)
         wrap("step", next_step)
@@ -348,14 +355,22 @@ class SparseHandle:
         self._last_timestep = None
         self.num_steps = num_steps
         self._step_is_dense = False
-        self.step_stats = []
+        self._finished_steps = []
+        if self._step_totals is not None:
+            self._step_totals.zero_()
 
     def set_step(self, step: int, num_steps: Optional[int] = None) -> None:
         """Set the denoising step of the next transformer calls.
 
         Pipelines set it through their scheduler. For a bare transformer it is read from
-        the timestep (a host read of that value) unless you call this before each step.
+        the timestep (a host read of that value) until you call this; from then on the
+        handle follows your calls (call it before each step).
         """
+        self._steps_given = True
+        self._advance_to(step, num_steps)
+
+    def _advance_to(self, step: int, num_steps: Optional[int] = None) -> None:
+        self._finish_step()
         if num_steps is not None:
             self.num_steps = num_steps
         self.step = int(step)
@@ -370,18 +385,38 @@ class SparseHandle:
             if self._last_timestep is not None:
                 self.reset_schedule()
             self._last_timestep = t
-            self.set_step(0)
+            self._advance_to(0)
         elif t != self._last_timestep:
             self._last_timestep = t
-            self.set_step(self.step + 1)
+            self._advance_to(self.step + 1)
+
+    def _finish_step(self) -> None:
+        """Set the step in progress's statistics aside (device copies, no host read)."""
+        if self.step is None or self._step_totals is None:
+            return
+        totals = self._step_totals.clone()
+        self._step_totals.zero_()
+        self._finished_steps.append({"step": self.step, "density_sum": totals[0], "sparse_calls": totals[1],
+                                     "dense_calls": totals[2]})
 
     def _record(self, density, sparse: bool) -> None:
-        """Add one call's density (a float, or a 0-dim device tensor kept on the device)."""
-        if not self.step_stats or self.step_stats[-1]["step"] != self.step:
-            self.step_stats.append({"step": self.step, "density_sum": 0.0, "sparse_calls": 0, "dense_calls": 0})
-        s = self.step_stats[-1]
-        s["density_sum"] = s["density_sum"] + density
-        s["sparse_calls" if sparse else "dense_calls"] += 1
+        """Add one call's density (a float, or a 0-dim device tensor) on the device, in place."""
+        totals = self._step_totals
+        if totals is None:
+            return
+        totals[0] += density
+        totals[1 if sparse else 2] += 1
+
+    @property
+    def step_stats(self) -> list[dict]:
+        """Per step, {"step", "density_sum", "sparse_calls", "dense_calls"}: the finished
+        steps of the current generation, then the step in progress (values are 0-dim
+        device tensors; steps without calls are left out). Reading the counts is a host read."""
+        entries = list(self._finished_steps)
+        if self.step is not None and self._step_totals is not None:
+            t = self._step_totals
+            entries.append({"step": self.step, "density_sum": t[0], "sparse_calls": t[1], "dense_calls": t[2]})
+        return [e for e in entries if int(e["sparse_calls"]) + int(e["dense_calls"]) > 0]
 
     def step_densities(self) -> list[tuple[int, float]]:
         """(step, mean attention density over the patched layer calls of that step).
@@ -389,12 +424,8 @@ class SparseHandle:
         Reads the device statistics back to the host: call it between or after
         generations, not from inside an attention call.
         """
-        out = []
-        for s in self.step_stats:
-            n = s["sparse_calls"] + s["dense_calls"]
-            if n:
-                out.append((s["step"], float(s["density_sum"]) / n))
-        return out
+        return [(s["step"], float(s["density_sum"]) / float(s["sparse_calls"] + s["dense_calls"]))
+                for s in self.step_stats]
 
     # ---------------------------------------------------------------- attention
     def _attend(self, route: _Route, original, args: tuple, kwargs: dict, a: dict):
@@ -438,9 +469,13 @@ class SparseHandle:
         elif a.get("attn_mask") is not None:
             raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask to video self-attention,"
                              " which the adapter does not expect")
+        # The step is handed only to methods that read it: a compiled model specializes on
+        # what the call reads, and most methods do not depend on the step.
+        uses_step = self.method.uses_step
         call = AttentionCall(
-            geometry=geometry, layer=route.layer, num_layers=self._num_layers, step=self.step,
-            num_steps=self.num_steps, head_offset=0, total_heads=q.shape[2], backend=cfg.backend,
+            geometry=geometry, layer=route.layer, num_layers=self._num_layers,
+            step=self.step if uses_step else None, num_steps=self.num_steps if uses_step else None,
+            head_offset=0, total_heads=q.shape[2], backend=cfg.backend,
         )
         out = sparse_self_attention(self.method, q, k, v, call, text_tokens=text_tokens, text_key_valid=text_valid)
         self._record(call.stats.get("density", 1.0), sparse=True)

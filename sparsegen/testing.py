@@ -161,6 +161,7 @@ class CallRecorder(SparseAttentionMethod):
         super().__init__(method.config)
         self.inner = method
         self.has_static_mask = method.has_static_mask
+        self.uses_step = True  # the recorded calls say where they ran
         self.calls: list[RecordedCall] = []
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:

@@ -29,6 +29,7 @@ class BandConfig(MethodConfig):
 
 class BandMethod(SparseAttentionMethod):
     config_cls = BandConfig
+    uses_step = True  # the tests read the step of every call
 
     def __init__(self, config):
         super().__init__(config)

@@ -104,6 +104,8 @@ def record_attention_inputs(pipe, *, steps=None, layers=None, max_calls_per_step
     class _Recorder(SparseAttentionMethod):
         """Dense attention that keeps its inputs (a method object handed to apply; no name registered)."""
 
+        uses_step = True  # records are kept per step
+
         def attention(self, q, k, v, call):
             step = -1 if call.step is None else call.step
             key = (call.layer, step)

@@ -242,8 +242,9 @@ class AttentionCall:
         geometry: video token grid.
         layer: index of this layer among the patched self-attention layers.
         num_layers: number of patched layers.
-        step: denoising step index (0-based), or None when unknown.
-        num_steps: total denoising steps of the current generation, or None.
+        step: denoising step index (0-based), or None when unknown or when the method
+            does not declare ``uses_step``.
+        num_steps: total denoising steps of the current generation, or None (same).
         head_offset: global index of the first head in q (head-parallel execution
             gives each rank a slice of heads; per-head methods must index by it).
         total_heads: number of heads of the full layer.
@@ -282,6 +283,10 @@ class SparseAttentionMethod:
 
     config_cls: ClassVar[type] = MethodConfig
     has_static_mask: ClassVar[bool] = False
+    # Whether ``attention`` reads ``call.step`` / ``call.num_steps`` (they are None
+    # otherwise): a compiled model specializes on every value the call reads, so a
+    # method that reads the step should read it coarsely (e.g. a step bucket).
+    uses_step: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,66 @@
+"""A patched pipeline under ``torch.compile(fullgraph=True)``: no host reads on the attention path.
+
+The tiny Wan pipeline is patched first, then its transformer is compiled with static
+shapes (``dynamic=False``), as the README says to. Static-mask methods (radial, GNA) must
+trace the whole transformer as one graph per schedule phase (dense steps, sparse steps),
+with masks built outside the graph, and give the eager output bit for bit (same kernels:
+the Triton backend runs as an opaque custom op, here in Triton's interpreter; compiled
+with ``aot_eager``). The per-step densities must match the eager run's: statistics
+accumulate on the device without breaking the graph.
+
+VMoBA selects blocks from q and k on every call; building its mask reads the selection's
+sizes back to the host, so the graph breaks there (counted below) and nowhere else.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import sparsegen
+from tiny_models import run_wan, text_embeds, tiny_wan_pipeline, tiny_wan_transformer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method,options", [
+    ("radial", dict(block_size=32, decay_factor=0.5)),
+    ("gna", dict(kernel_size=(3, 3, 3), block_size=32)),
+], ids=["radial", "gna"])
+def test_patched_transformer_compiles_fullgraph_and_matches_eager(method, options):
+    pipe = tiny_wan_pipeline()
+    run = dict(frames=9, height=128, width=128, steps=2, guidance=2.0)
+    with torch.no_grad(), sparsegen.apply(pipe, method, backend="triton", dense_steps=1, **options) as handle:
+        eager = run_wan(pipe, **run)
+        eager_densities = handle.step_densities()
+        counter = CompileCounterWithBackend("aot_eager")
+        transformer = pipe.transformer
+        pipe.transformer = torch.compile(transformer, backend=counter, fullgraph=True, dynamic=False)
+        try:
+            compiled = run_wan(pipe, **run)
+        finally:
+            pipe.transformer = transformer
+        compiled_densities = handle.step_densities()
+    assert torch.equal(compiled, eager)
+    # One graph for the dense step, one for the sparse steps: the step itself is not traced.
+    assert counter.frame_count == 2, counter.frame_count
+    assert compiled_densities == eager_densities
+    assert eager_densities[0] == (0, 1.0) and all(0.0 < d < 1.0 for _, d in eager_densities[1:])
+
+
+def test_vmoba_graph_breaks_only_where_its_mask_is_built():
+    t = tiny_wan_transformer()
+    x, enc = torch.randn(1, 4, 5, 16, 16), text_embeds(1)
+    opts = dict(temporal_block=1, spatial_block=(2, 4), spatiotemporal_block=(1, 4, 4), block_size=16, top_k=(2, 3, 4))
+    with torch.no_grad(), sparsegen.apply(t, "vmoba", backend="triton", **opts) as handle:
+        handle.set_step(0)  # a bare transformer told its step reads no timestep
+        explanation = torch._dynamo.explain(t)(x, torch.tensor([500.0]), enc, return_dict=False)
+    places = {(b.user_stack[-1].filename.replace("\\\\", "/").split("/")[-1]) for b in explanation.break_reasons}
+    assert explanation.graph_break_count > 0
+    assert places == {"mask.py"}, places
