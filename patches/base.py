@@ -11,6 +11,7 @@ The interception itself (one mechanism for every adapter) lives in ``sparsegen.a
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -20,7 +21,7 @@ import torch
 __all__ = ["ModelAdapter", "TextLayout"]
 
 
-class TextLayout:
+class TextLayout(str, enum.Enum):
     """Where text tokens sit in a self-attention sequence."""
 
     NONE = "none"      # video tokens only (text enters through cross-attention)
@@ -50,10 +51,13 @@ class ModelAdapter:
     pipeline_classes: tuple[str, ...]
     self_attention_pattern: str
     patch_size: Callable[[object], tuple[int, int, int]]
-    text_layout: str = TextLayout.NONE
+    text_layout: TextLayout = TextLayout.NONE
     transformer_attributes: tuple[str, ...] = ("transformer",)
     hidden_states_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
+
+    def __post_init__(self):
+        object.__setattr__(self, "text_layout", TextLayout(self.text_layout))
 
     def serves(self, transformer: torch.nn.Module) -> bool:
         names = {c.__name__ for c in type(transformer).__mro__}
