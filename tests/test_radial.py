@@ -29,8 +29,9 @@ from sparsegen.methods.radial import (
 from sparsegen.testing import assert_close_to_golden, random_sweep_size
 
 
-def _slow_blocks(frames, tpf, bs, decay, sink):
-    tok = radial_token_mask(frames=frames, tokens_per_frame=tpf, block_size=bs, decay_factor=decay, sink=sink)
+def _slow_blocks(frames, tpf, bs, decay, sink, unit=128):
+    tok = radial_token_mask(frames=frames, tokens_per_frame=tpf, block_size=bs, decay_factor=decay, sink=sink,
+                            decimation_unit=unit)
     return radial_block_rule(tok, frames=frames, tokens_per_frame=tpf, block_size=bs)
 
 
@@ -86,6 +87,32 @@ def test_fast_builder_equals_token_definition_then_block_rule(tpf):
         assert torch.equal(fast, slow), f"{frames=} {tpf=} {bs=} {decay=} {sink=}: {(fast != slow).sum()} blocks differ"
         checked += 1
     assert checked == 5 * 3 * 3 * 2
+
+
+@pytest.mark.parametrize("unit", [4, 16, 32, 256])
+def test_fast_builder_equals_definition_with_other_decimation_units(unit):
+    for frames, tpf, bs, decay in itertools.product((6, 17), (40, 64, 130), (16, 32), (0.5, 1.0)):
+        kw = dict(frames=frames, tokens_per_frame=tpf, block_size=bs, decay_factor=decay)
+        fast = radial_block_matrix(**kw, decimation_unit=unit)
+        assert torch.equal(fast, _slow_blocks(frames, tpf, bs, decay, True, unit)), f"{kw} {unit=}"
+
+
+def test_small_frames_keep_a_band_that_shrinks_with_distance_with_a_small_decimation_unit():
+    """The built-in model's geometry: 64 tokens per latent frame (P = 128)."""
+    kw = dict(frames=17, tokens_per_frame=64, block_size=16, decay_factor=1.0)
+    per = lambda unit: kept_blocks_per_distance(radial_block_matrix(**kw, decimation_unit=unit), frames=17,
+                                                tokens_per_frame=64, block_size=16)
+    # The published unit 128 drops every pair but the diagonal (and the sink).
+    assert [per(128)[d] for d in range(16)] == [16] + [0] * 15
+    # Unit 16: whole frame at distance 1, band +-32 tokens (14 of 16 blocks) at 2-3, +-16
+    # (10 blocks) at 4-7, then only even distances.
+    assert [per(16)[d] for d in range(16)] == [16, 16, 14, 14, 10, 10, 10, 10, 10, 0, 10, 0, 10, 0, 10, 0]
+    # Published settings are untouched by the option's default.
+    assert RadialConfig().decimation_unit == 128
+    with pytest.raises(ValueError, match=r"RadialConfig.decimation_unit=24 is invalid: must be a power of two"):
+        RadialConfig(decimation_unit=24)
+    with pytest.raises(ValueError, match=r"decimation_unit must be a power of two"):
+        radial_block_mask(**kw, decimation_unit=0)
 
 
 def test_fast_builder_random_awkward_geometries():

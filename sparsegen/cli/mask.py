@@ -72,7 +72,8 @@ def _run_radial(args: argparse.Namespace) -> int:
         cfg = RadialConfig(**config_options(args, RadialConfig, shared=False))
         tic = time.perf_counter()
         mask = radial_block_mask(frames=args.frames, tokens_per_frame=args.tokens_per_frame,
-                                 block_size=cfg.block_size, decay_factor=cfg.decay_factor, sink=cfg.sink)
+                                 block_size=cfg.block_size, decay_factor=cfg.decay_factor, sink=cfg.sink,
+                                 decimation_unit=cfg.decimation_unit)
         build_seconds = time.perf_counter() - tic  # first build in this process, cold
     except (TypeError, ValueError) as e:
         return _fail("radial", e)
@@ -87,13 +88,15 @@ def _run_radial(args: argparse.Namespace) -> int:
             "density": mask.density(), "kept_blocks": kept, "total_blocks": total,
             "per_distance": {str(d): c for d, c in per_distance.items()},
             "frames": args.frames, "tokens_per_frame": args.tokens_per_frame, "block_size": cfg.block_size,
-            "decay_factor": cfg.decay_factor, "sink": cfg.sink, "png": args.png, "build_seconds": build_seconds,
+            "decay_factor": cfg.decay_factor, "sink": cfg.sink, "decimation_unit": cfg.decimation_unit,
+            "png": args.png, "build_seconds": build_seconds,
         }))
         return 0
     n = args.frames * args.tokens_per_frame
     k0 = 1 if cfg.sink and args.frames > 1 else 0
     print(f"radial mask: {args.frames} frames x {args.tokens_per_frame} tokens = {n} tokens, "
-          f"block {cfg.block_size}, decay {cfg.decay_factor:g}, sink {'on' if cfg.sink else 'off'}")
+          f"block {cfg.block_size}, decay {cfg.decay_factor:g}, sink {'on' if cfg.sink else 'off'}, "
+          f"decimation unit {cfg.decimation_unit}")
     print(f"density {mask.density():.4f} (sparsity {100 * mask.sparsity():.2f}%): "
           f"{kept} of {total} blocks kept ({mask.shape[2]} x {mask.shape[3]} grid); "
           f"built in {build_seconds:.2f} s")

@@ -10,8 +10,9 @@ coordinates (``r``, ``c`` in ``[0, tokens_per_frame)``)::
                  width = tokens_per_frame                               if dist <= 1
                  width = max(P / 2**dist.bit_length() * decay, block)   otherwise
               with P = 2**tokens_per_frame.bit_length() (3600 -> 4096, 3840 -> 4096)
-    decimate  w0 = P / 2**dist.bit_length();  if w0 < 128 the pair is kept only when
-              dist % int(128 / w0) == 0 (the 128 is fixed, whatever the block size)
+    decimate  w0 = P / 2**dist.bit_length();  if w0 < U the pair is kept only when
+              dist % int(U / w0) == 0, with the decimation unit U = 128 tokens in the
+              published rule (fixed, whatever the block size)
 
 The mask is then reduced to ``block_size`` x ``block_size`` blocks, one frame pair at a
 time, and the pairs' results are OR-ed::
@@ -74,11 +75,14 @@ __all__ = [
     "kept_blocks_per_distance",
     "unservable_query_block",
     "PRESETS",
+    "DEFAULT_DECIMATION_UNIT",
 ]
 
-# Frame decimation compares the decay length with this fixed token count (the official
-# code hard-codes 128 for every block size, including 64 for Wan 2.2).
-DECIMATION_THRESHOLD = 128
+# Frame decimation compares the decay length with this token count (the official code
+# hard-codes 128 for every block size, including 64 for Wan 2.2). Frames much smaller
+# than it (the built-in model's 64 tokens: every pair but the diagonal and the sink is
+# decimated) need a smaller unit for the band to shrink with distance: ``decimation_unit``.
+DEFAULT_DECIMATION_UNIT = 128
 # Block rule, as exact fractions: a column of a block is "dense" when more than
 # ROW_SHARE of the block's rows are set; the block is kept when more than KEEP_SHARE of
 # its non-empty columns are dense.
@@ -106,16 +110,26 @@ def _check_decay_factor(decay_factor) -> float:
     return float(decay_factor)
 
 
-def _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor) -> float:
+def _check_decimation_unit(unit) -> int:
+    """The one check of ``decimation_unit`` (the config and the public builders share it)."""
+    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1 or unit & (unit - 1):
+        raise ValueError(f"decimation_unit must be a power of two (128 is the published rule), got "
+                         f"decimation_unit={unit!r}")
+    return unit
+
+
+def _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor, decimation_unit) -> float:
     """Arguments of the public builders (the method path is checked by its config)."""
     _check_int("frames", frames, 1)
     _check_int("tokens_per_frame", tokens_per_frame, 1)
     _check_int("block_size", block_size, 1)
+    _check_decimation_unit(decimation_unit)
     return _check_decay_factor(decay_factor)
 
 
 # ------------------------------------------------------------------ definition
-def radial_pair_width(dist: int, *, tokens_per_frame: int, block_size: int, decay_factor: float) -> Optional[int]:
+def radial_pair_width(dist: int, *, tokens_per_frame: int, block_size: int, decay_factor: float,
+                      decimation_unit: int = DEFAULT_DECIMATION_UNIT) -> Optional[int]:
     """Band half-width (in tokens) of a frame pair at temporal distance ``dist``.
 
     Query token ``r`` and key token ``c`` (local indices in their frames) are attended
@@ -125,10 +139,13 @@ def radial_pair_width(dist: int, *, tokens_per_frame: int, block_size: int, deca
     Example: ``tokens_per_frame=3600`` (P = 4096), ``decay_factor=1``, block 128:
     dist 0, 1 -> 3600 (whole frame); 2, 3 -> 1024; 4..7 -> 512; 8..15 -> 256;
     16..31 -> 128; 32..63 -> 128 but only even distances; 64..127 -> 128, multiples of 4.
+    With ``tokens_per_frame=64`` (P = 128) the published unit 128 decimates every pair at
+    distance >= 1 but the even ones; ``decimation_unit=16`` keeps distances 1..7 and then
+    every other one.
     """
     group = dist.bit_length()
     decay_length = 2 ** tokens_per_frame.bit_length() / 2 ** group  # a power of two: exact in float
-    if decay_length < DECIMATION_THRESHOLD and dist % int(DECIMATION_THRESHOLD / decay_length) != 0:
+    if decay_length < decimation_unit and dist % int(decimation_unit / decay_length) != 0:
         return None
     if dist <= 1:
         return tokens_per_frame
@@ -139,7 +156,7 @@ def radial_pair_width(dist: int, *, tokens_per_frame: int, block_size: int, deca
 
 def radial_token_mask(
     *, frames: int, tokens_per_frame: int, block_size: int, decay_factor: float, sink: bool = True,
-    device="cpu",
+    decimation_unit: int = DEFAULT_DECIMATION_UNIT, device="cpu",
 ) -> torch.Tensor:
     """The token-level radial mask, straight from the definition (slow; small sizes only).
 
@@ -149,7 +166,7 @@ def radial_token_mask(
     Raises:
         ValueError: N above 16384 (use :func:`radial_block_mask`), or bad arguments.
     """
-    decay = _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor)
+    decay = _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor, decimation_unit)
     n, tpf = frames * tokens_per_frame, tokens_per_frame
     if n > _MAX_TOKEN_MASK_TOKENS:
         raise ValueError(
@@ -168,7 +185,7 @@ def radial_token_mask(
                 continue
             dist = abs(i - j)
             w0 = p / 2 ** dist.bit_length()
-            if w0 < 128 and dist % int(128 / w0) != 0:
+            if w0 < decimation_unit and dist % int(decimation_unit / w0) != 0:
                 continue
             width = tpf if dist <= 1 else max(w0 * decay, block_size)
             mask[rows, cols] = offset <= width
@@ -216,9 +233,10 @@ def radial_block_rule(
 
 
 # ----------------------------------------------------------- fast block builder
-def _distance_widths(frames: int, tpf: int, bs: int, decay: float) -> torch.Tensor:
+def _distance_widths(frames: int, tpf: int, bs: int, decay: float, unit: int) -> torch.Tensor:
     """int64 (frames,): band width per frame distance, -1 where decimation drops the pair."""
-    widths = [radial_pair_width(d, tokens_per_frame=tpf, block_size=bs, decay_factor=decay) for d in range(frames)]
+    widths = [radial_pair_width(d, tokens_per_frame=tpf, block_size=bs, decay_factor=decay, decimation_unit=unit)
+              for d in range(frames)]
     return torch.tensor([-1 if w is None else w for w in widths], dtype=torch.int64)
 
 
@@ -270,7 +288,7 @@ def _unservable_message(frames: int, tpf: int, bs: int, block: int) -> str:
 
 def radial_block_matrix(
     *, frames: int, tokens_per_frame: int, block_size: int, decay_factor: float, sink: bool = True,
-    device="cpu",
+    decimation_unit: int = DEFAULT_DECIMATION_UNIT, device="cpu",
 ) -> torch.Tensor:
     """The radial block matrix, computed at block level (no token mask is built).
 
@@ -283,15 +301,15 @@ def radial_block_matrix(
     Returns:
         bool (Qb, Kb), Qb = Kb = ceil(frames * tokens_per_frame / block_size).
     """
-    decay = _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor)
-    return _radial_blocks(frames, tokens_per_frame, block_size, decay, sink).to(device)
+    decay = _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor, decimation_unit)
+    return _radial_blocks(frames, tokens_per_frame, block_size, decay, sink, decimation_unit).to(device)
 
 
-def _radial_blocks(frames: int, tpf: int, bs: int, decay: float, sink: bool) -> torch.Tensor:
+def _radial_blocks(frames: int, tpf: int, bs: int, decay: float, sink: bool, unit: int) -> torch.Tensor:
     """:func:`radial_block_matrix` on the CPU, for arguments already checked."""
     n = frames * tpf
     nb = block_count(n, bs)
-    widths = _distance_widths(frames, tpf, bs, decay)
+    widths = _distance_widths(frames, tpf, bs, decay, unit)
     frame, lo_all, hi_all, valid_all, real_all = _row_frames(n, tpf, bs)
     slots = frame.shape[0]
     key_frames = torch.arange(frames, dtype=torch.int64)
@@ -337,7 +355,7 @@ def _radial_blocks(frames: int, tpf: int, bs: int, decay: float, sink: bool) -> 
 
 def radial_block_mask(
     *, frames: int, tokens_per_frame: int, block_size: int, decay_factor: float, sink: bool = True,
-    device="cpu",
+    decimation_unit: int = DEFAULT_DECIMATION_UNIT, device="cpu",
 ) -> BlockSparseMask:
     """Radial attention mask over the video tokens of one attention call.
 
@@ -349,6 +367,9 @@ def radial_block_mask(
         decay_factor: scales the band width of frame pairs at distance >= 2 (1.0 is the
             paper's definition; smaller is sparser).
         sink: key frame 0 is attended in full by every query frame.
+        decimation_unit: frame pairs whose decay length falls below this many tokens are
+            kept only every ``unit / decay length`` frames (a power of two; 128 is the
+            published rule; frames of a few dozen tokens need a smaller one, e.g. 16).
         device: where the mask lives.
 
     Returns:
@@ -366,17 +387,17 @@ def radial_block_mask(
         >>> round(m.sparsity(), 3)
         0.808
     """
-    decay = _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor)
-    return _radial_mask(frames, tokens_per_frame, block_size, decay, sink).to(device)
+    decay = _check_geometry_args(frames, tokens_per_frame, block_size, decay_factor, decimation_unit)
+    return _radial_mask(frames, tokens_per_frame, block_size, decay, sink, decimation_unit).to(device)
 
 
-def _radial_mask(frames: int, tpf: int, bs: int, decay: float, sink: bool) -> BlockSparseMask:
+def _radial_mask(frames: int, tpf: int, bs: int, decay: float, sink: bool, unit: int) -> BlockSparseMask:
     """:func:`radial_block_mask` on the CPU, for arguments already checked (the geometry's servability included)."""
     bad = unservable_query_block(frames=frames, tokens_per_frame=tpf, block_size=bs)
     if bad is not None:
         raise ValueError(_unservable_message(frames, tpf, bs, bad))
     n = frames * tpf
-    return BlockSparseMask.from_block_matrix(_radial_blocks(frames, tpf, bs, decay, sink), q_len=n, kv_len=n,
+    return BlockSparseMask.from_block_matrix(_radial_blocks(frames, tpf, bs, decay, sink, unit), q_len=n, kv_len=n,
                                              q_block_size=bs, kv_block_size=bs)
 
 
@@ -429,6 +450,10 @@ class RadialConfig(MethodConfig):
         block_size: query/key block size in tokens, a multiple of 16 (default 128, the
             official value; Wan 2.2 uses 64).
         sink: key frame 0 is attended in full by every frame (default True, as in the paper).
+        decimation_unit: frame pairs whose decay length (tokens) falls below it are kept
+            only every ``unit / length`` frames; a power of two, default 128 (the
+            published rule). Frames of a few dozen tokens need a smaller unit for the band
+            to shrink with distance instead of dropping every pair but the diagonal.
         dense_steps, dense_last_steps, dense_layers, backend, version: see MethodConfig.
             The defaults keep every step and layer sparse, like the official scripts'
             defaults; the official quality settings are the presets
@@ -440,6 +465,7 @@ class RadialConfig(MethodConfig):
     decay_factor: float = 1.0
     block_size: int = 128
     sink: bool = True
+    decimation_unit: int = DEFAULT_DECIMATION_UNIT
 
     def __post_init__(self):
         super().__post_init__()
@@ -452,6 +478,11 @@ class RadialConfig(MethodConfig):
         check_int(name, "block_size", self.block_size, low=16, multiple_of=16, what="e.g. 64 or 128")
         if not isinstance(self.sink, bool):
             raise ValueError(f"{name}.sink={self.sink!r} is invalid: must be True or False")
+        try:
+            _check_decimation_unit(self.decimation_unit)
+        except ValueError:
+            raise ValueError(f"{name}.decimation_unit={self.decimation_unit!r} is invalid: must be a power of two "
+                             "(128 is the published rule; e.g. 16 for frames of 64 tokens)") from None
 
 
 class RadialMethod(SparseAttentionMethod):
@@ -470,7 +501,7 @@ class RadialMethod(SparseAttentionMethod):
                 return mask.to(device), density
             cfg = self.config
             mask = _radial_mask(geometry.frames, geometry.tokens_per_frame, cfg.block_size, cfg.decay_factor,
-                                cfg.sink)
+                                cfg.sink, cfg.decimation_unit)
             return mask, mask.density()
 
         return self.cached(("radial_mask", geometry, str(device)), build)
