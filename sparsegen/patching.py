@@ -305,7 +305,7 @@ class SparseHandle:
         geometry = AttentionGeometry(frames, height, width)
         self._geometry[tidx] = geometry
         if self._step_totals is None or str(self._step_totals.device) != device:
-            self._step_totals = torch.zeros(3, dtype=torch.float64, device=device)
+            self._step_totals = torch.zeros(3, dtype=torch.float32, device=device)  # float64: not on every device
         if (geometry, device) not in self._prepared:
             self.method.check_geometry(geometry)
             self.method.prepare(geometry, torch.device(device))
@@ -529,7 +529,8 @@ def _key_validity(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     return m.expand(batch, seq)
 
 
-def apply(pipe_or_transformer, method: Union[str, MethodConfig, SparseAttentionMethod], **options) -> SparseHandle:
+def apply(pipe_or_transformer, method: Union[str, MethodConfig, SparseAttentionMethod, None] = None, *,
+          recipe=None, **options) -> SparseHandle:
     """Patch a diffusers pipeline (or a bare transformer) with a sparse-attention method.
 
     Args:
@@ -538,14 +539,20 @@ def apply(pipe_or_transformer, method: Union[str, MethodConfig, SparseAttentionM
         method: a method name (``sparsegen.available_methods()``), a config object
             (``sparsegen.RadialConfig(...)``) or a method object (a
             ``SparseAttentionMethod``, e.g. one wrapping another to record its calls).
-        **options: the method's config fields when ``method`` is a name.
+        recipe: instead of ``method``, the folder of a LoRA trained by ``sparsegen
+            train-lora``: its recipe's method config (the schedule the LoRA was trained
+            for, with ``options`` overriding single fields), after checking that the model
+            is the one it was trained on. Load the LoRA itself with diffusers
+            (``pipe.load_lora_weights(folder)``); this sets the attention only.
+        **options: the method's config fields when ``method`` is a name (or a recipe).
 
     Returns:
         A :class:`SparseHandle`; ``handle.remove()`` (or leaving a ``with`` block)
         restores the pipeline exactly.
 
     Raises:
-        ValueError: unsupported model, invalid options, already patched, already compiled.
+        ValueError: unsupported model, invalid options, already patched, already compiled,
+            a recipe made for another model.
 
     To compile, apply first, then compile the transformer with static shapes
     (``torch.compile(pipe.transformer, dynamic=False)``): masks are built once per
@@ -557,6 +564,17 @@ def apply(pipe_or_transformer, method: Union[str, MethodConfig, SparseAttentionM
         video = pipe(prompt, num_frames=81).frames[0]
         handle.remove()
     """
+    if recipe is not None:
+        if method is not None:
+            raise TypeError("pass either a method or recipe=, not both (the recipe names its method)")
+        from .lora.recipe import Recipe
+
+        r = Recipe.load(recipe)
+        r.check_model(pipe_or_transformer)
+        r.warn_if_not_loaded(pipe_or_transformer)
+        return SparseHandle(pipe_or_transformer, r.config(**options).make_method())
+    if method is None:
+        raise TypeError("sparsegen.apply needs a method (a name, config or method object) or recipe=<LoRA folder>")
     if isinstance(method, SparseAttentionMethod):
         if options:
             raise TypeError(f"a method object carries its config; options {sorted(options)} cannot be added to it")

@@ -554,7 +554,7 @@ def _attend(part: VMoBAPartition, q, k, v, layer: int, config: VMoBAConfig, back
         pairs = (selected.double() * part.query_block_tokens.to(selected.device).view(-1, 1)
                  * part.block_tokens.to(selected.device).view(1, -1)).sum() / (n * n)
         b, h, qb, kb = mask.shape
-        stats["density"] = mask.kv_num_blocks.sum(dtype=torch.float64) / (b * h * qb * kb)
+        stats["density"] = mask.kv_num_blocks.sum(dtype=torch.float32) / (b * h * qb * kb)
         stats["token_density"] = pairs / (selected.shape[0] * selected.shape[1])
         stats["blocks"] = part.num_blocks
     return perm.invert(out), perm.invert(lse, dim=2)
