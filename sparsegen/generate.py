@@ -170,6 +170,7 @@ def generate_video(
     out: Optional[str] = "video.mp4",
     fps: Optional[int] = None,
     compare_dense: bool = False,
+    lora: Optional[str] = None,
     log=print,
 ) -> dict:
     """Generate one video with a method (and optionally dense) and return a summary dict.
@@ -177,6 +178,10 @@ def generate_video(
     The method's config is ``config`` when given; otherwise :func:`method_config` of
     ``method``, ``preset`` and ``options`` (the built-in model brings a preset of its own
     for each method, which ``options`` override field by field).
+
+    With ``lora`` (a folder written by ``sparsegen train-lora``) the LoRA is loaded into
+    the pipeline (for the dense run too), the size defaults to the one it was trained
+    at, and the method config is its recipe's (``options`` override single fields).
 
     The summary holds the settings, per-step seconds and attention density, total
     seconds, and with ``compare_dense`` the dense time, the speedup and the PSNR of the
@@ -187,6 +192,15 @@ def generate_video(
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     m = _Model(model, device, torch_dtype)
     d = m.defaults
+    recipe = None
+    if lora is not None:
+        from .lora.recipe import Recipe
+
+        recipe = Recipe.load(lora)
+        recipe.load_lora(m.pipe, lora)
+        d = {**d, "frames": recipe.frames, "height": recipe.height, "width": recipe.width}
+        log(f"[sparsegen] LoRA {lora}: trained on {recipe.frames} frames {recipe.height}x{recipe.width} with "
+            f"{recipe.trained_attention} attention ({recipe.method['method']})")
     settings = dict(
         prompt=prompt if prompt is not None else d["prompt"], negative_prompt=negative_prompt,
         frames=frames or d["frames"], height=height or d["height"], width=width or d["width"],
@@ -197,10 +211,15 @@ def generate_video(
         if options or preset:
             raise ValueError("pass either a config or a method with a preset and options, not both")
         cfg = config
+    elif recipe is not None:
+        if preset or (options and method != recipe.method["method"]):
+            raise ValueError(f"the LoRA's recipe sets the method ({recipe.method['method']}); drop --preset, and pass "
+                             f"only {recipe.method['method']}'s options to override its fields")
+        cfg = recipe.config(**(options or {}))
     else:
         cfg = method_config(method, preset=preset, options=options, model_presets=m.presets, log=log)
     summary = {"model": model, "method": cfg.to_dict(), "settings": settings, "device": device,
-               "dtype": str(torch_dtype).replace("torch.", "")}
+               "dtype": str(torch_dtype).replace("torch.", ""), "lora": lora}
 
     dense_frames = None
     if compare_dense:

@@ -1,9 +1,9 @@
-"""``sparsegen`` command line: ``generate``, ``mask radial|gna|vmoba``, ``flops``.
+"""``sparsegen`` command line: ``generate``, ``mask radial|gna|vmoba``, ``flops``, ``train-lora``.
 
 Method options are flags derived from the method's config fields in one place
 (:mod:`.options`), so an option has the same name in every command and in Python
 (``--decay-factor`` is ``RadialConfig.decay_factor``). Commands whose flags depend on the
-chosen method (``generate``, ``flops``) read ``--method`` first, then build the parser
+chosen method (``generate``, ``flops``, ``train-lora``) read ``--method`` first, then build the parser
 for it, so ``sparsegen generate --method vmoba --help`` lists VMoBA's options.
 """
 
@@ -26,7 +26,7 @@ def _chosen_method(argv: Sequence[str], default: str) -> str:
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The full parser; the method-dependent flags follow ``--method`` in ``argv``."""
-    from . import flops, generate, mask
+    from . import flops, generate, mask, train_lora
 
     parser = argparse.ArgumentParser(prog="sparsegen", allow_abbrev=False,
                                      description="Sparse attention for diffusers pipelines")
@@ -38,6 +38,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     mask.add_command(sub)
     flops.add_command(sub, _chosen_method(rest, flops.DEFAULT_METHOD) if command == "flops"
                       else flops.DEFAULT_METHOD)
+    train_lora.add_command(sub, _chosen_method(rest, generate.DEFAULT_METHOD) if command == "train-lora"
+                           else generate.DEFAULT_METHOD)
     return parser
 
 

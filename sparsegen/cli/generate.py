@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--compare-dense", action="store_true",
                    help="also run dense attention: report speedup and PSNR, write a side-by-side video")
     p.add_argument("--json", default=None, help="write a JSON summary to this path")
+    p.add_argument("--lora", default=None,
+                   help="a LoRA folder from `sparsegen train-lora`: loads it and runs its recipe's method config "
+                        "(method flags override single fields) at the size it was trained for (flags override)")
     if method in available_methods():
         add_config_arguments(p, config_class(method))
 
@@ -69,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     options = config_options(args, config_class(args.method))
     config = None
     if args.config:
-        if options or args.preset:
-            raise SystemExit("sparsegen generate: pass the method config either with --config or as a preset and "
-                             "flags, not both")
+        if options or args.preset or args.lora:
+            raise SystemExit("sparsegen generate: pass the method config either with --config, as a preset and "
+                             "flags, or through --lora's recipe, not several")
         text = open(args.config).read() if os.path.exists(args.config) else args.config
         d = json.loads(text)
         d.setdefault("method", args.method)
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model, method=args.method, options=options, preset=args.preset, config=config,
             prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
             width=args.width, steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device,
-            dtype=args.dtype, out=args.out, fps=args.fps, compare_dense=args.compare_dense,
+            dtype=args.dtype, out=args.out, fps=args.fps, compare_dense=args.compare_dense, lora=args.lora,
         )
     except ValueError as e:
         raise SystemExit(f"sparsegen generate: {e}") from None
