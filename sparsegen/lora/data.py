@@ -269,6 +269,14 @@ class CachedSet(DataSource):
         self.first_caption = self.entries[0]["caption"]
         self._orders: dict[int, list[int]] = {}
 
+    @classmethod
+    def open(cls, folder, *, seed: int = 0) -> "CachedSet":
+        """The cached set in ``folder`` (one holding ``index.json``)."""
+        index_path = Path(folder) / CACHE_INDEX
+        if not index_path.is_file():
+            raise ValueError(f"{folder} holds no {CACHE_INDEX}: not a train-lora data cache (or an unfinished one)")
+        return cls(folder, json.loads(index_path.read_text()), seed=seed)
+
     def __len__(self) -> int:
         return len(self.entries)
 

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["SUPPORTED_PIPELINES", "Objective", "load_pipeline", "is_toy", "model_defaults", "objective_of",
+__all__ = ["SUPPORTED_PIPELINES", "Objective", "load_pipeline", "check_supported", "is_toy", "model_defaults", "objective_of",
            "check_geometry", "latent_shape", "encode_videos", "encode_prompts", "predict", "sample_video",
            "transformer_of"]
 
@@ -48,12 +48,17 @@ def load_pipeline(model: str, *, device, dtype: torch.dtype):
         except (OSError, ValueError) as e:
             raise ValueError(f"--model {model!r}: cannot load a diffusers pipeline from it ({e})") from None
         pipe = pipe.to(device)
-    name = type(pipe).__name__
-    if name not in SUPPORTED_PIPELINES:
-        raise ValueError(f"train-lora serves {', '.join(SUPPORTED_PIPELINES)} (text-to-video); {model!r} is a {name}. "
-                         "Pass a Wan text-to-video pipeline folder or 'toy'")
+    check_supported(pipe, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_supported(pipe, label: str) -> None:
+    """ValueError unless train-lora serves this pipeline class."""
+    name = type(pipe).__name__
+    if name not in SUPPORTED_PIPELINES:
+        raise ValueError(f"train-lora serves {', '.join(SUPPORTED_PIPELINES)} (text-to-video); {label!r} is a {name}. "
+                         "Pass a Wan text-to-video pipeline folder or 'toy'")
 
 
 def is_toy(pipe) -> bool:

@@ -8,7 +8,8 @@ the transformer gets ``timestep = sigma * num_train_timesteps`` (what diffusers'
 flow-matching schedulers pass at inference) and the loss is the mean squared error of
 the velocity. A model that predicts clean latents (scheduler ``prediction_type="sample"``,
 like the built-in model) is scored on the velocity its prediction implies,
-``(x_sigma - x0_hat) / sigma``, so both kinds of model minimise the same objective.
+``(x_sigma - x0_hat) / sigma`` (its weight capped at low noise, see
+MIN_SIGMA_FOR_VELOCITY), so both kinds of model minimise the same objective.
 
 Noise levels are logit-normal (Esser et al. 2024, "Scaling rectified flow transformers"):
 ``sigma = shift(sigmoid(m + s * z))``, ``z ~ N(0, 1)``, which puts most training on the
@@ -25,11 +26,13 @@ import torch
 __all__ = ["sample_sigmas", "shift_sigma", "unshift_sigma", "add_noise", "flow_matching_loss",
            "MIN_SIGMA_FOR_VELOCITY"]
 
-# A clean-latent prediction's implied velocity divides by sigma, i.e. weights the
-# clean-latent error by 1 / sigma^2 (400 at sigma 0.05). Below this level the divisor is
-# held at 0.2 (weight 25), as the built-in model was trained: with the exact weight the
-# few low-noise samples of a batch dominated the gradient and the loss spiked, and the
-# low noise levels are the easy ones.
+# A clean-latent prediction's implied velocity error is (x0 - x0_hat) / sigma: the
+# clean-latent error weighted by 1 / sigma^2 (400 at sigma 0.05). Below this level the
+# weight is held at 1 / 0.2^2 = 25, as for the built-in model's training: with the exact
+# weight the few low-noise samples of a batch dominate the gradient and the loss spikes,
+# and the low noise levels are the easy ones. Only the weight is capped; the target
+# stays the clean latents (dividing the implied velocity by the capped level instead
+# would move the optimum away from x0 below 0.2).
 MIN_SIGMA_FOR_VELOCITY = 0.2
 # Uniform draws are kept this far from 0 and 1 so the normal quantile stays finite.
 _U_EPS = 1e-6
@@ -85,22 +88,23 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
     return (1.0 - s) * x0 + s * noise
 
 
-def flow_matching_loss(output: torch.Tensor, noisy: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
-                       sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def flow_matching_loss(output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                       prediction_type: str) -> torch.Tensor:
     """Mean squared velocity error (a 0-dim fp32 tensor).
 
     Args:
         output: the transformer's output (B, C, T, h, w): the velocity
             (``prediction_type="flow_prediction"``) or the clean latents (``"sample"``).
-        noisy, x0, noise: (B, C, T, h, w), ``noisy = add_noise(x0, noise, sigma)``.
+        x0, noise: (B, C, T, h, w), the clean latents and the noise the input was made with
+            (``add_noise(x0, noise, sigma)``).
         sigma: (B,) noise levels.
     """
-    target = (noise - x0).float()
     if prediction_type == "sample":
+        # (x_sigma - x0_hat) / sigma - (noise - x0) = (x0 - x0_hat) / sigma, the weight capped.
         s = sigma.float().view(-1, *([1] * (x0.dim() - 1))).clamp(min=MIN_SIGMA_FOR_VELOCITY)
-        velocity = (noisy.float() - output.float()) / s
+        error = (x0.float() - output.float()) / s
     elif prediction_type == "flow_prediction":
-        velocity = output.float()
+        error = output.float() - (noise - x0).float()
     else:
         raise ValueError(f"prediction_type={prediction_type!r} must be 'flow_prediction' or 'sample'")
-    return torch.nn.functional.mse_loss(velocity, target)
+    return error.square().mean()

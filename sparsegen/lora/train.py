@@ -284,8 +284,11 @@ class _SparsePatch:
         return stats[-1][1] if stats else None
 
 
-def train_lora(config: TrainLoraConfig, *, log: Callable[[str], None] = print) -> LoraTrainingResult:
+def train_lora(config: TrainLoraConfig, *, pipe=None, log: Callable[[str], None] = print) -> LoraTrainingResult:
     """Train a LoRA and write it (diffusers format) with its recipe to ``config.out``.
+
+    ``pipe``: train this already loaded pipeline (on its device and dtype) instead of
+    loading ``config.model``, which then only labels the model in the recipe.
 
     Runs in every process ``accelerate launch`` starts (or alone). Writes, in ``out``:
     ``pytorch_lora_weights.safetensors``, ``sparsegen_recipe.json``,
@@ -311,11 +314,14 @@ def train_lora(config: TrainLoraConfig, *, log: Callable[[str], None] = print) -
     if config.batch_size % world:
         raise ValueError(f"train-lora: --batch-size {config.batch_size} is the global batch and must be divisible by "
                          f"the {world} processes; use a multiple of {world}")
-    device = accelerator.device
-    dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name)
-
-    pipe = models.load_pipeline(config.model, device=device, dtype=dtype)
+    if pipe is None:
+        device = accelerator.device
+        dtype = getattr(torch, config.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        pipe = models.load_pipeline(config.model, device=device, dtype=dtype)
+    else:
+        models.check_supported(pipe, config.model)
+        base = models.transformer_of(pipe, config.transformer)
+        device, dtype = base.device, base.dtype
     defaults = models.model_defaults(pipe)
     frames, height, width = (getattr(config, k) or defaults[k] for k in ("frames", "height", "width"))
     if None in (frames, height, width):
@@ -449,7 +455,7 @@ def train_lora(config: TrainLoraConfig, *, log: Callable[[str], None] = print) -
         noisy = add_noise(x0, noise, sigma)
         output = models.predict(model, noisy.to(dtype), sigma * objective.num_train_timesteps,
                                 embeds.to(device=device, dtype=dtype))
-        loss = flow_matching_loss(output, noisy, x0, noise, sigma, objective.prediction_type)
+        loss = flow_matching_loss(output, x0, noise, sigma, objective.prediction_type)
         accelerator.backward(loss)
         if config.grad_clip > 0:
             grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)
