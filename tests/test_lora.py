@@ -9,6 +9,7 @@ import json
 import logging
 from typing import ClassVar
 
+import imageio.v3 as imageio
 import pytest
 import torch
 from safetensors import safe_open
@@ -208,8 +209,11 @@ def test_resume_continues_exactly(tmp_path):
     tiny = dict(data="toy", frames=5, batch_size=2, rank=4, lr=1e-3, warmup_steps=2, log_every=1,
                 checkpoint_every=1, keep_checkpoints=1)
     quiet = dict(log=lambda *_: None)
-    train_lora(TrainLoraConfig(out=str(tmp_path / "a"), steps=2, **tiny), **quiet)
+    # With a validation video on the way (it draws from its own generators, not the run's).
+    train_lora(TrainLoraConfig(out=str(tmp_path / "a"), steps=2, validate_every=2, validation_steps=2, **tiny), **quiet)
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-0000002"]
+    video = imageio.imread(tmp_path / "a" / "validation" / "step-0000002.mp4")
+    assert video.shape == (5, 32, 32, 3)
     resumed = train_lora(TrainLoraConfig(out=str(tmp_path / "a"), steps=4, resume="latest", **tiny), **quiet)
     straight = train_lora(TrainLoraConfig(out=str(tmp_path / "b"), steps=4, **tiny), **quiet)
     a = load_file(str(tmp_path / "a" / LORA_WEIGHTS_FILE))
@@ -314,3 +318,16 @@ def test_wan22_second_transformer_trains_alone_and_loads_into_transformer_2(tmp_
         assert len(handle._transformers) == 2
     with pytest.raises(ValueError, match="other weights.*proj_out"):
         sparsegen.apply(fresh.transformer, recipe=tmp_path)  # the high-noise expert is not the one trained
+
+
+def test_gradient_checkpointing_trains_the_same_lora(tmp_path):
+    """Recomputing each block in the backward pass (sparse attention included) changes
+    memory, not results."""
+    run = dict(data="toy", frames=5, steps=2, batch_size=1, rank=4, lr=1e-3, warmup_steps=0, checkpoint_every=0)
+    checkpointed = train_lora(TrainLoraConfig(out=str(tmp_path / "gc"), gradient_checkpointing=True, **run),
+                              log=lambda *_: None)
+    assert checkpointed.pipe.transformer.gradient_checkpointing
+    train_lora(TrainLoraConfig(out=str(tmp_path / "plain"), **run), log=lambda *_: None)
+    a = load_file(str(tmp_path / "gc" / LORA_WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "plain" / LORA_WEIGHTS_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in b) and any(b[k].abs().max() > 0 for k in b if "lora_B" in k)

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from sparsegen.lora import LORA_WEIGHTS_FILE
 from sparsegen.lora.train import SUMMARY_FILE, TrainLoraConfig, train_lora
 
-# 2 latent frames of 8 x 8 tokens, global batch 2 (one video per process), 3 steps.
+# 2 latent frames of 8 x 8 tokens, global batch 2 (one video per process), 3 steps; caption
+# dropout on, so its draws too must be the global batch's, sliced per process.
 RUN = dict(data="toy", frames=5, steps=3, batch_size=2, rank=4, lr=1e-3, warmup_steps=0, checkpoint_every=0,
-           log_every=1)
+           log_every=1, caption_dropout=0.5)
 
 
 def _flags(run: dict) -> list[str]:
@@ -58,9 +59,12 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     a, b = _lora_deltas(tmp_path / "ddp" / LORA_WEIGHTS_FILE), _lora_deltas(tmp_path / "one" / LORA_WEIGHTS_FILE)
     assert a.keys() == b.keys() and len(a) == 48
     # Only the order of fp32 sums differs (a gradient averaged over two processes versus
-    # one batch of two), and Adam's normalised updates carry it: measured up to 3e-5 of each
-    # module's weight change. A run on one video per step (what a process keeping only its
-    # own gradient would train on) differs by 74% to 144% (measured).
+    # one batch of two), and Adam's normalised updates carry it, most where a gradient
+    # element is near zero: measured 6e-5 of the whole weight change and at most 3.4e-4 of
+    # one module's. A run on one video per step (what a process keeping only its own
+    # gradient would train on) differs by 89% to 167% per module (measured).
+    total = sum((a[n] - b[n]).square().sum() for n in a).sqrt() / sum(b[n].square().sum() for n in a).sqrt()
+    assert total.item() <= 1e-3, f"LoRA weight change differs by {total.item():.2e} between 2 processes and 1"
     for name in a:
         rel = ((a[name] - b[name]).norm() / b[name].norm()).item()
-        assert rel <= 1e-3, f"{name}: LoRA weight change differs by {rel:.2e} between 2 processes and 1"
+        assert rel <= 1e-2, f"{name}: LoRA weight change differs by {rel:.2e} between 2 processes and 1"

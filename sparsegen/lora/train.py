@@ -314,6 +314,7 @@ def train_lora(config: TrainLoraConfig, *, pipe=None, log: Callable[[str], None]
     if config.batch_size % world:
         raise ValueError(f"train-lora: --batch-size {config.batch_size} is the global batch and must be divisible by "
                          f"the {world} processes; use a multiple of {world}")
+    label = _model_label(config.model) if pipe is None else (getattr(pipe, "name_or_path", "") or type(pipe).__name__)
     if pipe is None:
         device = accelerator.device
         dtype = getattr(torch, config.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -337,7 +338,7 @@ def train_lora(config: TrainLoraConfig, *, pipe=None, log: Callable[[str], None]
     say(f"[sparsegen] train-lora: {method_cfg.method} attention ({method_words}) on {frames} frames "
         f"{height}x{width}, {world} process(es), global batch {config.batch_size}")
     targets = lora_targets(config, transformer)
-    identity = module_identity(transformer, name=_model_label(config.model), lora_targets=targets)
+    identity = module_identity(transformer, name=label, lora_targets=targets)
 
     source = prepare_data(config.data, pipe, frames=frames, height=height, width=width, seed=config.seed,
                           cache_dir=Path(config.cache_dir) if config.cache_dir else out / "cache", rank=rank,
