@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     g.add_argument("--caption-dropout", type=float, default=d.caption_dropout,
                    help="probability of training a sample on the empty prompt (default 0)")
     g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass (less memory, ~30%% more time)")
+                   help="recompute activations in the backward pass (less memory, more time)")
     g.add_argument("--seed", type=int, default=d.seed, help="LoRA init, noise, noise levels, data order (default 0)")
 
     g = p.add_argument_group("output")
