@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-__all__ = ["BlockSparseMask", "MaskModFn"]
+__all__ = ["BlockSparseMask", "KernelLayout", "MaskModFn", "kernel_layout_from_lists"]
 
 # FlexAttention's mask_mod signature: (b, h, q_idx, kv_idx) -> bool tensor.
 MaskModFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,6 +35,62 @@ MaskModFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], t
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class KernelLayout(NamedTuple):
+    """A block layout as the Triton kernels walk it: full blocks first, partial blocks after.
+
+    Per (batch, head, block ``i`` of the walking side)::
+
+        indices[b, h, i, :num_full]         full blocks: every token pair attended, no mask work
+        indices[b, h, i, num_full:num]      partial blocks: a token tile, or the last block of a
+                                            sequence that does not fill it
+        tile_ids[b, h, i, :num]             tile of each entry, -1 for none (full, or only short)
+
+    Attributes:
+        num, num_full: int32 (B, H, NB); B, H may be 1 (broadcast), as in the mask.
+        indices, tile_ids: int32 (B, H, NB, K), contiguous; entries past ``num`` are padding.
+        tiles: uint8 (T, q_block_size, kv_block_size), contiguous, or None (no token tiles).
+    """
+
+    num: torch.Tensor
+    num_full: torch.Tensor
+    indices: torch.Tensor
+    tile_ids: torch.Tensor
+    tiles: Optional[torch.Tensor]
+
+
+def kernel_layout_from_lists(num: torch.Tensor, indices: torch.Tensor, tile_ids: Optional[torch.Tensor],
+                             tiles: Optional[torch.Tensor], *, short_block: Optional[int]) -> KernelLayout:
+    """Reorder block lists into a :class:`KernelLayout`, on the lists' device and without host syncs.
+
+    Args:
+        num: int (B, H, NB) visited blocks per row of the layout.
+        indices: int (B, H, NB, K) visited blocks (any order; entries past ``num`` ignored).
+        tile_ids: int (B, H, NB, K) or None: token tile per entry, -1 for a whole block.
+        tiles: bool or uint8 (T, q_block_size, kv_block_size), any strides, or None.
+        short_block: index of the walked side's last block when it is shorter than a block
+            (its sequence length is not a multiple of the block size), else None.
+
+    A block is partial when it has a token tile or is ``short_block``; the order inside
+    each group is kept (a stable sort), so both stay ascending when ``indices`` is.
+    """
+    k = indices.shape[-1]
+    valid = torch.arange(k, device=indices.device) < num[..., None].long()
+    tid = (torch.full(indices.shape, -1, dtype=torch.int32, device=indices.device) if tile_ids is None
+           else tile_ids.to(torch.int32))
+    partial = tid >= 0
+    if short_block is not None:
+        partial = partial | (indices == short_block)
+    # 0: full, 1: partial, 2: padding.
+    group = torch.where(valid, partial.to(torch.int8), torch.full_like(partial, 2, dtype=torch.int8))
+    order = torch.sort(group, dim=-1, stable=True).indices
+    num_full = (valid & ~partial).sum(-1).to(torch.int32)
+    if tiles is not None:
+        tiles = tiles.contiguous().view(torch.uint8) if tiles.dtype == torch.bool else tiles.to(torch.uint8).contiguous()
+    return KernelLayout(num.to(torch.int32).contiguous(), num_full.contiguous(),
+                        torch.gather(indices.to(torch.int32), -1, order).contiguous(),
+                        torch.gather(tid, -1, order).contiguous(), tiles)
 
 
 @dataclass(frozen=True, eq=False)
@@ -334,6 +390,38 @@ class BlockSparseMask:
                 None if self.tile_ids is None else self.tile_ids.to(device),
                 None if self.tiles is None else self.tiles.to(device),
             )
+        return self._cache[key]
+
+    def kernel_layout(self, *, cache: bool = True) -> KernelLayout:
+        """The forward layout as the Triton kernels walk it (full blocks first), see :class:`KernelLayout`.
+
+        Derived on the mask's device without host synchronisation and cached on the mask
+        (``cache=False`` derives it afresh, e.g. while ``torch.compile`` traces).
+        """
+        key = ("kernel",)
+        if not cache:
+            return self._kernel_layout()
+        if key not in self._cache:
+            self._cache[key] = self._kernel_layout()
+        return self._cache[key]
+
+    def _kernel_layout(self) -> KernelLayout:
+        short = self.num_kv_blocks - 1 if self.kv_len % self.kv_block_size else None
+        return kernel_layout_from_lists(self.kv_num_blocks, self.kv_indices, self.tile_ids, self.tiles,
+                                        short_block=short)
+
+    def kernel_layout_transposed(self) -> KernelLayout:
+        """The transposed layout (query blocks per key block, for dK/dV) as a :class:`KernelLayout`; cached.
+
+        A query block is partial for a key block when their pair has a token tile or the
+        query block is the last, short one.
+        """
+        key = ("kernel", "T")
+        if key not in self._cache:
+            num, indices, tile_ids = self.transposed()
+            short = self.num_q_blocks - 1 if self.q_len % self.q_block_size else None
+            tiles = self.kernel_layout().tiles  # the forward layout's uint8 copy, shared
+            self._cache[key] = kernel_layout_from_lists(num, indices, tile_ids, tiles, short_block=short)
         return self._cache[key]
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

@@ -15,10 +15,20 @@ model calling ``block_sparse_attention(..., backend="triton")`` as one opaque no
 call. A mask enters an op as its tensors (``kv_num_blocks``, ``kv_indices``, optional
 ``tile_ids`` / ``tiles``) plus its block sizes; the lengths come from q and k.
 
-The backward needs the mask's transposed layout (query blocks per key block). Eager
-callers pass the one cached on the mask (``BlockSparseMask.transposed``); under
-``torch.compile`` it is derived inside the backward op, because deriving it has a
-data-dependent size.
+The kernels walk a :class:`~.mask.KernelLayout`: the mask's lists with full blocks
+first and partial blocks after. Eager callers pass the one cached on the mask
+(``BlockSparseMask.kernel_layout``, derived once per mask on its device, no host
+synchronisation) by giving ``kv_num_full``: the index and tile-id arguments are then
+that layout's. Without it (``torch.compile`` traces, direct op calls) the ops derive it
+per call, on the device.
+
+The backward also needs the mask's transposed layout (query blocks per key block).
+Eager callers pass the one cached on the mask (``BlockSparseMask.kernel_layout_transposed``,
+with ``q_num_full``); under ``torch.compile`` it is derived inside the backward op,
+because deriving it has a data-dependent size.
+
+The kernels fold the softmax scale into the exponent's fused multiply-add, which needs
+``scale >= 0``; for a negative scale the ops flip the sign of K (and of its gradient).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._alloc import new_empty
-from .mask import BlockSparseMask
+from .mask import BlockSparseMask, KernelLayout, kernel_layout_from_lists
 from .quant import PVFormat, QuantConfig, quantize_qk, quantize_v
 from . import tuning
 
@@ -48,12 +58,35 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _transposed_layout(q_num_blocks, q_indices, q_tile_ids, kv_num_blocks, kv_indices, tile_ids, tiles,
-                      q_len, kv_len, q_block_size, kv_block_size):
+def _short_block(length: int, block: int) -> Optional[int]:
+    return length // block if length % block else None
+
+
+def _forward_layout(kv_num_blocks, kv_indices, tile_ids, tiles, kv_num_full, kv_len, kv_block_size) -> KernelLayout:
+    """The forward :class:`KernelLayout`: as given (``kv_num_full`` set), else derived from the mask's lists."""
+    if kv_num_full is not None:
+        return KernelLayout(kv_num_blocks, kv_num_full, kv_indices, tile_ids, tiles)
+    return kernel_layout_from_lists(kv_num_blocks, kv_indices, tile_ids, tiles,
+                                    short_block=_short_block(kv_len, kv_block_size))
+
+
+def _transposed_layout(q_num_blocks, q_indices, q_tile_ids, q_num_full, fwd: KernelLayout,
+                       q_len, kv_len, q_block_size, kv_block_size) -> KernelLayout:
+    """The transposed :class:`KernelLayout`: as given, derived from given transposed lists, or from the forward one."""
     if q_num_blocks is not None and q_indices is not None:
-        return q_num_blocks, q_indices, q_tile_ids
-    mask = BlockSparseMask(kv_num_blocks, kv_indices, q_len, kv_len, q_block_size, kv_block_size, tile_ids, tiles)
-    return mask.transposed()
+        if q_num_full is not None:
+            return KernelLayout(q_num_blocks, q_num_full, q_indices, q_tile_ids, fwd.tiles)
+        return kernel_layout_from_lists(q_num_blocks, q_indices, q_tile_ids, fwd.tiles,
+                                        short_block=_short_block(q_len, q_block_size))
+    tiles = None if fwd.tiles is None else fwd.tiles.view(torch.bool)
+    mask = BlockSparseMask(fwd.num, fwd.indices, q_len, kv_len, q_block_size, kv_block_size,
+                           None if tiles is None else fwd.tile_ids, tiles)
+    return mask.kernel_layout_transposed()
+
+
+def _nonnegative_scale(k: Tensor, scale: float) -> tuple[Tensor, float]:
+    """(k, scale) with scale >= 0: softmax(scale * q k^T) = softmax((-scale) * q (-k)^T)."""
+    return (k, scale) if scale >= 0 else (-k, -scale)
 
 
 # ------------------------------------------------------------------------ forward op
@@ -65,27 +98,31 @@ def bsa_fwd(
     kv_num_blocks: Tensor, kv_indices: Tensor, tile_ids: Optional[Tensor], tiles: Optional[Tensor],
     q_num_blocks: Optional[Tensor], q_indices: Optional[Tensor], q_tile_ids: Optional[Tensor],
     q_block_size: int, kv_block_size: int, scale: float,
+    kv_num_full: Optional[Tensor] = None, q_num_full: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Block-sparse attention forward.
 
-    q: (B, Sq, H, D); k, v: (B, Sk, H, D); layout tensors as in ``BlockSparseMask``;
-    ``q_num_blocks`` / ``q_indices`` / ``q_tile_ids``: the transposed layout, read only
-    by the backward (None: derived there). Returns out (B, Sq, H, D) in q's dtype and
-    lse fp32 (B, H, Sq), natural log.
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); layout tensors as in ``BlockSparseMask``, or,
+    with ``kv_num_full`` (int32 (B, H, Qb)), a :class:`KernelLayout`'s (module doc);
+    ``q_num_blocks`` / ``q_indices`` / ``q_tile_ids`` (/ ``q_num_full``): the transposed
+    layout, read only by the backward (None: derived there). Returns out (B, Sq, H, D)
+    in q's dtype and lse fp32 (B, H, Sq), natural log.
     """
     from .triton_attention import launch_forward
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     b, sq, h, d = q.shape
+    layout = _forward_layout(kv_num_blocks, kv_indices, tile_ids, tiles, kv_num_full, k.shape[1], kv_block_size)
+    k, scale = _nonnegative_scale(k, scale)
     out = new_empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = new_empty((b, h, sq), dtype=torch.float32, device=q.device)
-    launch_forward(q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_block_size, kv_block_size, scale, out, lse)
+    launch_forward(q, k, v, layout, q_block_size, kv_block_size, scale, out, lse)
     return out, lse
 
 
 @bsa_fwd.register_fake
 def _bsa_fwd_fake(q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_num_blocks, q_indices, q_tile_ids,
-                  q_block_size, kv_block_size, scale):
+                  q_block_size, kv_block_size, scale, kv_num_full=None, q_num_full=None):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=torch.float32)
 
@@ -100,10 +137,12 @@ def bsa_bwd(
     kv_num_blocks: Tensor, kv_indices: Tensor, tile_ids: Optional[Tensor], tiles: Optional[Tensor],
     q_num_blocks: Optional[Tensor], q_indices: Optional[Tensor], q_tile_ids: Optional[Tensor],
     q_block_size: int, kv_block_size: int, scale: float,
+    kv_num_full: Optional[Tensor] = None, q_num_full: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`bsa_fwd`: dq (B, Sq, H, D), dk, dv (B, Sk, H, D) in the input dtype.
 
-    grad_out: (B, Sq, H, D); grad_lse: fp32 (B, H, Sq) or None (no gradient through lse).
+    grad_out: (B, Sq, H, D); grad_lse: fp32 (B, H, Sq) or None (no gradient through lse);
+    layout arguments as in :func:`bsa_fwd`.
     """
     from .triton_attention import launch_backward
 
@@ -111,9 +150,11 @@ def bsa_bwd(
     out, grad_out = _last_dim_contiguous(out), _last_dim_contiguous(grad_out)
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    q_num_blocks, q_indices, q_tile_ids = _transposed_layout(
-        q_num_blocks, q_indices, q_tile_ids, kv_num_blocks, kv_indices, tile_ids, tiles,
-        sq, sk, q_block_size, kv_block_size)
+    layout = _forward_layout(kv_num_blocks, kv_indices, tile_ids, tiles, kv_num_full, sk, kv_block_size)
+    layout_t = _transposed_layout(q_num_blocks, q_indices, q_tile_ids, q_num_full, layout,
+                                  sq, sk, q_block_size, kv_block_size)
+    flip = scale < 0
+    k, scale = _nonnegative_scale(k, scale)
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
     lse = lse.contiguous()
@@ -121,37 +162,41 @@ def bsa_bwd(
     dq = new_empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     dk = new_empty((b, sk, h, d), dtype=k.dtype, device=q.device)
     dv = new_empty((b, sk, h, d), dtype=v.dtype, device=q.device)
-    launch_backward(grad_out, grad_lse, q, k, v, out, lse,
-                    kv_num_blocks, kv_indices, tile_ids, q_num_blocks, q_indices, q_tile_ids, tiles,
+    launch_backward(grad_out, grad_lse, q, k, v, out, lse, layout, layout_t,
                     q_block_size, kv_block_size, scale, delta, dq, dk, dv)
+    if flip:
+        dk.neg_()
     return dq, dk, dv
 
 
 @bsa_bwd.register_fake
 def _bsa_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles,
-                  q_num_blocks, q_indices, q_tile_ids, q_block_size, kv_block_size, scale):
+                  q_num_blocks, q_indices, q_tile_ids, q_block_size, kv_block_size, scale,
+                  kv_num_full=None, q_num_full=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_num_blocks, q_indices, q_tile_ids,
-     q_block_size, kv_block_size, scale) = inputs
+     q_block_size, kv_block_size, scale, *num_full) = inputs
+    kv_num_full, q_num_full = (list(num_full) + [None, None])[:2]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles,
-                          q_num_blocks, q_indices, q_tile_ids)
+                          q_num_blocks, q_indices, q_tile_ids, kv_num_full, q_num_full)
     ctx.block_sizes = (q_block_size, kv_block_size)
     ctx.scale = scale
 
 
 def _fwd_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles, q_num_blocks, q_indices, q_tile_ids = (
-        ctx.saved_tensors)
+    (q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles, q_num_blocks, q_indices, q_tile_ids,
+     kv_num_full, q_num_full) = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.sparsegen.bsa_bwd(
         grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, tile_ids, tiles,
-        q_num_blocks, q_indices, q_tile_ids, ctx.block_sizes[0], ctx.block_sizes[1], ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        q_num_blocks, q_indices, q_tile_ids, ctx.block_sizes[0], ctx.block_sizes[1], ctx.scale,
+        kv_num_full, q_num_full)
+    return (dq, dk, dv) + (None,) * 12
 
 
 bsa_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -166,12 +211,14 @@ def bsa_fwd_quant(
     kv_num_blocks: Tensor, kv_indices: Tensor, tile_ids: Optional[Tensor], tiles: Optional[Tensor],
     q_block_size: int, kv_block_size: int, scale: float,
     qk_format: str, pv_format: str, quant_q_block: int, quant_k_block: int, smooth_k: bool, p_scale_inv: int,
+    kv_num_full: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Quantized block-sparse attention forward (inference only).
 
-    q: (B, Sq, H, D); k, v: (B, Sk, H, D); the last six arguments are the fields of a
-    :class:`QuantConfig` (``qk``, ``pv``, ``q_block``, ``k_block``, ``smooth_k``,
-    ``p_scale_inv``). Returns out (B, Sq, H, D) in q's dtype and lse fp32 (B, H, Sq).
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); the six arguments after the scale are the
+    fields of a :class:`QuantConfig` (``qk``, ``pv``, ``q_block``, ``k_block``,
+    ``smooth_k``, ``p_scale_inv``); ``kv_num_full`` as in :func:`bsa_fwd`. Returns out
+    (B, Sq, H, D) in q's dtype and lse fp32 (B, H, Sq).
     """
     from .triton_attention import launch_forward_quant
 
@@ -185,15 +232,16 @@ def bsa_fwd_quant(
         v_op, v_scale = _last_dim_contiguous(v), None
     out = new_empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = new_empty((b, h, sq), dtype=torch.float32, device=q.device)
-    launch_forward_quant(qz.q_int, qz.q_scale, qz.k_int, qz.k_scale, v_op, v_scale,
-                         kv_num_blocks, kv_indices, tile_ids, tiles, q_block_size, kv_block_size,
-                         cfg.q_block, cfg.k_block, cfg.p_scale_inv, out, lse)
+    layout = _forward_layout(kv_num_blocks, kv_indices, tile_ids, tiles, kv_num_full, k.shape[1], kv_block_size)
+    launch_forward_quant(qz.q_int, qz.q_scale, qz.k_int, qz.k_scale, v_op, v_scale, layout,
+                         q_block_size, kv_block_size, cfg.q_block, cfg.k_block, cfg.p_scale_inv, out, lse)
     return out, lse
 
 
 @bsa_fwd_quant.register_fake
 def _bsa_fwd_quant_fake(q, k, v, kv_num_blocks, kv_indices, tile_ids, tiles, q_block_size, kv_block_size,
-                        scale, qk_format, pv_format, quant_q_block, quant_k_block, smooth_k, p_scale_inv):
+                        scale, qk_format, pv_format, quant_q_block, quant_k_block, smooth_k, p_scale_inv,
+                        kv_num_full=None):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=torch.float32)
 
@@ -251,15 +299,20 @@ def triton_block_sparse_attention(
     fp32 accumulation (relative error ~1e-3, as torch with ``allow_tf32``); the
     softmax statistics and accumulators are fp32 for every dtype.
     """
+    compiling = torch.compiler.is_compiling()
+    # Cached on the mask, derived once on its device; under torch.compile derived in the graph.
+    lay = mask.kernel_layout(cache=not compiling)
+    lists = (lay.num, lay.indices, lay.tile_ids, lay.tiles)
     if quant is not None:
         return torch.ops.sparsegen.bsa_fwd_quant(
-            q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.tile_ids, mask.tiles,
-            mask.q_block_size, mask.kv_block_size, float(scale),
-            quant.qk.value, quant.pv.value, quant.q_block, quant.k_block, quant.smooth_k, quant.p_scale_inv)
-    q_num_blocks = q_indices = q_tile_ids = None
+            q, k, v, *lists, mask.q_block_size, mask.kv_block_size, float(scale),
+            quant.qk.value, quant.pv.value, quant.q_block, quant.k_block, quant.smooth_k, quant.p_scale_inv,
+            lay.num_full)
+    transposed = (None, None, None, None)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad and not torch.compiler.is_compiling():
-        q_num_blocks, q_indices, q_tile_ids = mask.transposed()  # cached on the mask
+    if needs_grad and not compiling:
+        lt = mask.kernel_layout_transposed()  # cached on the mask
+        transposed = (lt.num, lt.indices, lt.tile_ids, lt.num_full)
     return torch.ops.sparsegen.bsa_fwd(
-        q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.tile_ids, mask.tiles,
-        q_num_blocks, q_indices, q_tile_ids, mask.q_block_size, mask.kv_block_size, float(scale))
+        q, k, v, *lists, *transposed[:3], mask.q_block_size, mask.kv_block_size, float(scale),
+        lay.num_full, transposed[3])

@@ -188,3 +188,67 @@ def test_select_heads_and_device_cache():
     assert sub.shape == (1, 2, 3, 3)
     assert torch.equal(sub.to_block_matrix()[0, 0], torch.eye(3, dtype=torch.bool))
     assert m.to("cpu") is m
+
+
+# ------------------------------------------------------------------ the kernels' layout
+
+
+def _check_kernel_layout(lay, state, short_block):
+    """Full blocks first, partial blocks after, each ascending; together exactly the visited blocks."""
+    b, h, nb, kb = state.shape
+    for bb in range(b):
+        for hh in range(h):
+            for i in range(nb):
+                n, nf = int(lay.num[bb, hh, i]), int(lay.num_full[bb, hh, i])
+                idx = lay.indices[bb, hh, i, :n].tolist()
+                tid = lay.tile_ids[bb, hh, i, :n].tolist()
+                row = state[bb, hh, i]
+                full = [j for j in range(kb) if row[j] == 1 and j != short_block]
+                part = [j for j in range(kb) if row[j] == 2 or (row[j] == 1 and j == short_block)]
+                assert idx[:nf] == full and sorted(idx[nf:]) == idx[nf:] == part, (bb, hh, i)
+                assert all(t == -1 for t in tid[:nf])
+                assert [t >= 0 for t in tid[nf:]] == [row[j] == 2 for j in part]
+
+
+@pytest.mark.parametrize("sq,sk,qbs,kbs", [(97, 97, 32, 32), (1000, 1025, 64, 128), (256, 192, 64, 64)])
+def test_kernel_layout_splits_full_and_partial_blocks(sq, sk, qbs, kbs):
+    """Token tiles and a short last key block go to the partial list; the rest are full, per row, in order."""
+    g = torch.Generator().manual_seed(sq + sk)
+    blocks = torch.rand(2, 3, -(-sq // qbs), -(-sk // kbs), generator=g) < 0.5
+    blocks[..., 0] = True
+    tok = blocks.repeat_interleave(qbs, 2).repeat_interleave(kbs, 3)[..., :sq, :sk].clone()
+    tok[0, 1, : sq // 2, : sk // 3] &= torch.rand(sq // 2, sk // 3, generator=g) < 0.7   # some partial blocks
+    m = BlockSparseMask.from_dense(tok, q_block_size=qbs, kv_block_size=kbs)
+    assert m.num_partial_blocks() > 0
+    lay = m.kernel_layout()
+    assert lay is m.kernel_layout()  # cached on the mask
+    assert lay.tiles.dtype == torch.uint8 and lay.tiles.is_contiguous()
+    short_kv = m.num_kv_blocks - 1 if sk % kbs else None
+    _check_kernel_layout(lay, m.block_state(), short_kv)
+    # Transposed: query blocks per key block; the short last query block is partial.
+    lt = m.kernel_layout_transposed()
+    short_q = m.num_q_blocks - 1 if sq % qbs else None
+    _check_kernel_layout(lt, m.block_state().transpose(-1, -2), short_q)
+    assert lt.tiles is lay.tiles
+
+
+def test_kernel_layout_without_tiles_and_broadcast_heads():
+    m = BlockSparseMask.from_block_matrix(torch.tril(torch.ones(4, 4, dtype=torch.bool)), q_len=128, kv_len=100,
+                                          q_block_size=32, kv_block_size=32)
+    lay = m.kernel_layout()
+    assert lay.tiles is None and lay.num.shape == (1, 1, 4)
+    # Key block 3 holds tokens 96..99 only: partial (tile id -1) wherever it is visited.
+    assert lay.num_full[0, 0].tolist() == [1, 2, 3, 3]
+    assert lay.indices[0, 0, 3].tolist() == [0, 1, 2, 3] and lay.tile_ids[0, 0, 3].tolist() == [-1] * 4
+
+
+def test_kernel_layout_needs_no_host_sync():
+    """Derived with device operations only: it even runs on the meta device, where any read of a value fails."""
+    num = torch.empty(2, 4, 50, dtype=torch.int32, device="meta")
+    idx = torch.empty(2, 4, 50, 30, dtype=torch.int32, device="meta")
+    tid = torch.empty(2, 4, 50, 30, dtype=torch.int32, device="meta")
+    tiles = torch.empty(3, 64, 64, dtype=torch.bool, device="meta")
+    m = BlockSparseMask(num, idx, 50 * 64, 3000, 64, 64, tid, tiles)
+    lay = m.kernel_layout()
+    assert lay.indices.device.type == "meta" and lay.indices.shape == (2, 4, 50, 30)
+    assert lay.num_full.shape == (2, 4, 50) and lay.tiles.dtype == torch.uint8

@@ -26,12 +26,16 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from sparsegen.kernels import BlockSparseMask, block_sparse_attention, can_run_triton
 from sparsegen.kernels.quant import LOG2E, PVFormat, quantize_qk, quantize_v, resolve_quant
 from sparsegen.kernels.reference import reference_attention
+from sparsegen.kernels.triton_attention import layout_offset
 from sparsegen.testing import assert_close_to_golden, sqnr_db
-from triton_cases import block_mask as _block_mask, eager_attention as _eager, qkv as _qkv, window_mask as _window_mask
+from triton_cases import block_mask as _block_mask, eager_attention as _eager, mixed_mask as _mixed_mask
+from triton_cases import qkv as _qkv, window_mask as _window_mask
 
 
 def _check_lse(lse, eager_lse, gold_lse, what):
@@ -103,6 +107,117 @@ def test_empty_token_rows_give_zero_output_and_neginf_lse(dtype):
     assert torch.all(out[0, 0] == 0) and torch.all(out[1, 70:80] == 0)
     assert torch.isneginf(lse[:, 0, 0]).all() and torch.isneginf(lse[1, 0, 70:80]).all()
     assert torch.isfinite(lse[0, 0, 1:]).all()
+
+
+# b, sq, sk, h, d, q_block, kv_block, dtype: lengths that are not block multiples, odd head dims
+# (33: no aligned strides; 80: a padded 128-wide tile, split into halves at 64-row tiles).
+MIXED_CASES = [
+    *[(2, 97, 97, 2, 64, 32, 32, dt) for dt in DTYPES],
+    (1, 1000, 1000, 1, 33, 64, 64, F32),
+    (1, 1025, 1025, 1, 80, 128, 128, F16),
+    (1, 300, 200, 2, 80, 64, 64, F32),
+]
+
+
+@pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: f"b{c[0]}-s{c[1]}x{c[2]}-h{c[3]}-d{c[4]}-blk{c[5]}x{c[6]}"
+                                                          f"-{str(c[7])[6:]}")
+def test_forward_full_and_partial_block_lists(case):
+    """The two loops of the kernel: full blocks (no mask work) and partial blocks (tiles, short last block).
+
+    Rows whose blocks are all partial, rows that attend nothing and query blocks without
+    any full block all occur; the kernel layout is checked to contain them.
+    """
+    b, sq, sk, h, d, qbs, kbs, dtype = case
+    mask, tok = _mixed_mask(b, h, sq, sk, qbs, kbs, seed=sq + d)
+    lay = mask.kernel_layout()
+    n_full, n_part = lay.num_full, lay.num - lay.num_full
+    assert (n_full > 0).any() and (n_part > 0).any() and ((n_full == 0) & (n_part > 0)).any(), "cases not exercised"
+    q, k, v = _qkv(b, sq, sk, h, d, dtype, seed=sq * 3 + d, head_major=d % 2 == 1)
+    out, lse = _check_forward(q, k, v, mask, f"triton fwd mixed {case}")
+    empty = ~tok.any(-1)  # (b, h, sq)
+    assert empty.any() and torch.isneginf(lse[empty]).all()
+    assert torch.all(out.transpose(1, 2)[empty] == 0)
+
+
+@pytest.mark.parametrize("preset", ["int8", "int8-pv8"])
+def test_quantized_forward_full_and_partial_block_lists(preset):
+    b, s, h, d = 1, 200, 2, 64
+    mask, _ = _mixed_mask(b, h, s, s, 64, 64, seed=11)
+    q, k, v = _qkv(b, s, s, h, d, torch.float16, seed=12)
+    cfg = resolve_quant(preset)
+    with torch.no_grad():
+        out, lse = block_sparse_attention(q, k, v, mask, backend="triton", quant=preset, return_lse=True)
+        emu, emu_lse = block_sparse_attention(q, k, v, mask, backend="torch", quant=preset, return_lse=True)
+    gold, gold_lse = _quant_golden(q, k, v, mask, cfg, d ** -0.5)
+    assert_close_to_golden(out, emu, gold, factor=2.0, what=f"{preset} mixed lists")
+    _check_lse(lse, emu_lse, gold_lse, f"{preset} mixed lists")
+
+
+def test_negative_scale_matches_reference():
+    """The kernels fold a non-negative scale into the exponent; a negative one flips K's sign in the ops layer."""
+    mask, _ = _mixed_mask(1, 2, 97, 97, 32, 32, seed=5)
+    q, k, v = _qkv(1, 97, 97, 2, 64, torch.float32, seed=6)
+    _check_forward(q, k, v, mask, "negative scale", scale=-0.2)
+
+
+@triton.jit
+def _offset_probe(Out, b, h, blk, stride_b, stride_h, stride_blk):
+    """Stores the kernels' layout offset of (b, h, blk) (int64 scalar) to Out."""
+    tl.store(Out, layout_offset(b, h, blk, stride_b, stride_h, stride_blk))
+
+
+def test_layout_offsets_are_int64_for_hunyuan_video_sized_masks():
+    """A per-batch, per-head layout past 2^31 entries: the kernels' offsets of its last entries are exact.
+
+    HunyuanVideo: 460,800 tokens in blocks of 64 = 7,200 blocks; at full density the lists of
+    2 batches x 24 heads hold 2 x 24 x 7,200 x 7,200 = 2.5e9 entries. The layout is built on
+    the meta device (no memory), the launchers' stride arguments are taken from it, and the
+    kernels' offset helper runs in the interpreter (no attention kernel): an int32 product
+    would wrap around.
+    """
+    from sparsegen.kernels.triton_attention import _layout_args
+
+    bsz, heads, nb = 2, 24, 460800 // 64
+    num = torch.empty(bsz, heads, nb, dtype=torch.int32, device="meta")
+    idx = torch.empty(bsz, heads, nb, nb, dtype=torch.int32, device="meta")
+    lay = BlockSparseMask(num, idx, 460800, 460800, 64, 64).kernel_layout()
+    _, strides = _layout_args(lay)
+    count_strides, list_strides = strides[:3], strides[3:]
+    last = (bsz - 1, heads - 1, nb - 1)
+    for st, width in ((list_strides, nb), (count_strides, 1)):
+        expect = sum(i * s for i, s in zip(last, st))
+        got = torch.zeros(1, dtype=torch.int64)
+        _offset_probe[(1,)](got, *last, *st)
+        assert int(got) == expect, (st, int(got), expect)
+    assert sum(i * s for i, s in zip(last, list_strides)) + nb - 1 >= 2**31  # the case is real
+
+
+def test_dense_yardstick_kernel_matches_reference():
+    """The gate's reference dense kernel (tutorial-shaped) computes attention: float and INT8 variants."""
+    from sparsegen.kernels.triton_dense import launch_dense_forward
+
+    b, s, h = 1, 256, 2
+    full = BlockSparseMask.full(q_len=s, kv_len=s, q_block_size=128, kv_block_size=64)
+    for dtype, d in ((torch.float16, 64), (torch.float32, 72)):
+        q, k, v = _qkv(b, s, s, h, d, dtype, seed=d)
+        out, lse = torch.empty_like(q), torch.empty(b, h, s)
+        launch_dense_forward(q, k, v, d ** -0.5, out, lse)
+        gold, gold_lse = reference_attention(q, k, v, full, scale=d ** -0.5)
+        eager, eager_lse = _eager(q, k, v, full, d ** -0.5)
+        assert_close_to_golden(out, eager, gold, what=f"dense yardstick {dtype} d{d}")
+        _check_lse(lse, eager_lse, gold_lse, f"dense yardstick {dtype} d{d}")
+    q, k, v = _qkv(b, s, s, h, 64, torch.float16, seed=3)
+    for preset in ("int8", "int8-pv8"):
+        cfg = resolve_quant(preset)
+        qz = quantize_qk(q, k, cfg, 64 ** -0.5)
+        v_op, v_scale = quantize_v(v) if cfg.pv == PVFormat.INT8 else (v, None)
+        out, lse = torch.empty_like(q), torch.empty(b, h, s)
+        launch_dense_forward(qz.q_int, qz.k_int, v_op, 64 ** -0.5, out, lse,
+                             quant=(qz.q_scale, qz.k_scale, v_scale, cfg.q_block, cfg.k_block, cfg.p_scale_inv))
+        with torch.no_grad():
+            emu = block_sparse_attention(q, k, v, full, backend="torch", quant=preset)
+        gold, _ = _quant_golden(q, k, v, full, cfg, 64 ** -0.5)
+        assert_close_to_golden(out, emu, gold, factor=2.0, what=f"dense yardstick {preset}")
 
 
 def test_bf16_is_refused_in_the_interpreter_with_the_reason():

@@ -20,7 +20,7 @@ import torch
 from sparsegen.kernels import BlockSparseMask, block_sparse_attention
 from sparsegen.kernels.reference import reference_attention
 from sparsegen.testing import assert_close_to_golden
-from triton_cases import block_mask, eager_attention, qkv, window_mask
+from triton_cases import block_mask, eager_attention, mixed_mask, qkv, window_mask
 
 
 def _grads(fn, q, k, v, go, gl):
@@ -119,3 +119,26 @@ def test_backward_empty_rows_get_zero_gradient():
     assert torch.all(dq[0, 0] == 0) and torch.all(dq[0, 50:70, 1] == 0)
     # Keys no query attends (columns >= 30) get exactly zero gradient.
     assert torch.all(dk[:, 30:] == 0) and torch.all(dv[:, 30:] == 0)
+
+
+# b, sq, sk, h, d, q_block, kv_block, dtype: both loops of both kernels (dQ walks the forward
+# lists, dK/dV the transposed ones, where a short last query block is partial too).
+MIXED_CASES = [
+    (1, 97, 97, 2, 64, 32, 32, torch.float16),
+    (1, 200, 130, 2, 40, 64, 64, torch.float32),
+    (1, 150, 150, 1, 80, 64, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: f"b{c[0]}-s{c[1]}x{c[2]}-h{c[3]}-d{c[4]}-blk{c[5]}x{c[6]}"
+                                                          f"-{str(c[7])[6:]}")
+def test_backward_full_and_partial_block_lists(case):
+    b, sq, sk, h, d, qbs, kbs, dtype = case
+    mask, tok = mixed_mask(b, h, sq, sk, qbs, kbs, seed=sq + d)
+    for lay in (mask.kernel_layout(), mask.kernel_layout_transposed()):
+        assert (lay.num_full > 0).any() and (lay.num > lay.num_full).any()
+    q, k, v = qkv(b, sq, sk, h, d, dtype, seed=d)
+    # Rows that attend nothing have lse = -inf and take no LSE gradient.
+    dq, dk, dv = _check_backward(q, k, v, mask, f"triton bwd mixed {case}", lse_grad=False)
+    empty = ~tok.any(-1)  # (b, h, sq)
+    assert torch.all(dq.transpose(1, 2)[empty] == 0)

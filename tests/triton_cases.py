@@ -54,3 +54,28 @@ def eager_attention(q, k, v, mask, scale):
     lse = torch.logsumexp(s, -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return torch.matmul(p.to(q.dtype), v.transpose(1, 2)).transpose(1, 2), lse
+
+
+def mixed_mask(b, h, sq, sk, qbs, kbs, seed, *, density=0.5, partial_share=0.4):
+    """Token-exact mask mixing full and partial blocks, per (batch, head), with the awkward rows on purpose.
+
+    Visited blocks are random (``density``, the first key block always); ``partial_share`` of
+    them carry a random token tile, never block (0, 0). Query block 1 visits only partial blocks, and its
+    tokens 5-8 attend nothing (empty rows inside visited blocks).
+    Built with ``from_dense``, so the tiles are exact. Returns (mask, token mask bool (b, h, sq, sk)).
+    """
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-sq // qbs), -(-sk // kbs)
+    blocks = torch.rand(b, h, nq, nk, generator=g) < density
+    blocks[..., 0] = True
+    tok = blocks.repeat_interleave(qbs, 2).repeat_interleave(kbs, 3)[..., :sq, :sk].clone()
+    partial = (torch.rand(b, h, nq, nk, generator=g) < partial_share)
+    partial[:, :, 0, 0] = False  # at least one full block in each layout
+    if nq > 1:
+        partial[:, :, 1] = True
+    partial = partial.repeat_interleave(qbs, 2).repeat_interleave(kbs, 3)[..., :sq, :sk]
+    tok &= ~partial | (torch.rand(b, h, sq, sk, generator=g) < 0.5)
+    if nq > 1:
+        tok[..., qbs + 5: qbs + 9, :] = False
+    mask = BlockSparseMask.from_dense(tok, q_block_size=qbs, kv_block_size=kbs)
+    return mask, tok
