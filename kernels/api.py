@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 from typing import Optional, Union
 
 import torch
 
+from ._env import triton_interpreting
 from .mask import BlockSparseMask
 from .quant import QuantConfig, resolve_quant
 
@@ -51,10 +51,6 @@ def _resolve_backend(backend: Union[str, Backend]) -> Backend:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _fail(msg: str, raise_error: bool) -> bool:
     if raise_error:
         raise ValueError(msg)
@@ -71,7 +67,7 @@ def can_run_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
         import triton  # noqa: F401
     except ImportError:
         return _fail("backend='triton' needs the `triton` package (pip install triton; Linux only)", raise_error)
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
         return _fail(
             f"backend='triton' needs CUDA tensors (got {q.device}); on CPU use backend='torch', "
             "or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter (slow; for testing)",

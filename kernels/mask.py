@@ -21,7 +21,6 @@ and a log-sum-exp of -inf, on every backend.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -33,8 +32,9 @@ __all__ = ["BlockSparseMask", "KernelLayout", "MaskModFn", "kernel_layout_from_l
 MaskModFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def block_count(length: int, block_size: int) -> int:
+    """Number of blocks covering ``length`` tokens (the last block may be partial)."""
+    return -(-length // block_size)
 
 
 class KernelLayout(NamedTuple):
@@ -125,10 +125,10 @@ class BlockSparseMask:
         for name in ("q_len", "kv_len", "q_block_size", "kv_block_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if n.shape[2] != _cdiv(self.q_len, self.q_block_size):
+        if n.shape[2] != block_count(self.q_len, self.q_block_size):
             raise ValueError(
                 f"kv_num_blocks has {n.shape[2]} query blocks but q_len={self.q_len} with "
-                f"q_block_size={self.q_block_size} needs {_cdiv(self.q_len, self.q_block_size)}"
+                f"q_block_size={self.q_block_size} needs {block_count(self.q_len, self.q_block_size)}"
             )
         if (self.tile_ids is None) != (self.tiles is None):
             raise ValueError("tile_ids and tiles must be given together")
@@ -144,11 +144,11 @@ class BlockSparseMask:
     # ------------------------------------------------------------------ shape
     @property
     def num_q_blocks(self) -> int:
-        return _cdiv(self.q_len, self.q_block_size)
+        return block_count(self.q_len, self.q_block_size)
 
     @property
     def num_kv_blocks(self) -> int:
-        return _cdiv(self.kv_len, self.kv_block_size)
+        return block_count(self.kv_len, self.kv_block_size)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -201,7 +201,7 @@ class BlockSparseMask:
             blocks = blocks.unsqueeze(0)
             if tile_ids is not None:
                 tile_ids = tile_ids.unsqueeze(0)
-        qb, kb = _cdiv(q_len, q_block_size), _cdiv(kv_len, kv_block_size)
+        qb, kb = block_count(q_len, q_block_size), block_count(kv_len, kv_block_size)
         if tuple(blocks.shape[-2:]) != (qb, kb):
             raise ValueError(
                 f"blocks has grid {tuple(blocks.shape[-2:])} but q_len={q_len}, kv_len={kv_len} with blocks "
@@ -243,7 +243,7 @@ class BlockSparseMask:
         holds somewhere become partial blocks carrying their token tile (``exact=True``)
         or full blocks (``exact=False``: the block layout only, for block-level methods).
         """
-        qb, kb = _cdiv(q_len, q_block_size), _cdiv(kv_len, kv_block_size)
+        qb, kb = block_count(q_len, q_block_size), block_count(kv_len, kv_block_size)
         dev = torch.device(device)
         blocks = torch.zeros(batch, heads, qb, kb, dtype=torch.bool, device=dev)
         full = torch.zeros_like(blocks)
@@ -305,7 +305,7 @@ class BlockSparseMask:
     def full(cls, *, q_len: int, kv_len: int, q_block_size: int = 128, kv_block_size: int = 128,
              device="cpu") -> "BlockSparseMask":
         """Every query block visits every key block (dense attention)."""
-        qb, kb = _cdiv(q_len, q_block_size), _cdiv(kv_len, kv_block_size)
+        qb, kb = block_count(q_len, q_block_size), block_count(kv_len, kv_block_size)
         blocks = torch.ones(qb, kb, dtype=torch.bool, device=device)
         return cls.from_block_matrix(blocks, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
                                      kv_block_size=kv_block_size)
@@ -640,7 +640,7 @@ class BlockSparseMask:
         """
         q_len, kv_len = block_mask.seq_lengths
         qbs, kbs = block_mask.BLOCK_SIZE
-        qb, kb = _cdiv(q_len, qbs), _cdiv(kv_len, kbs)
+        qb, kb = block_count(q_len, qbs), block_count(kv_len, kbs)
         dev = block_mask.kv_num_blocks.device
 
         def dense(num, idx):
@@ -704,7 +704,3 @@ class BlockSparseMask:
                 f"mask batch/heads ({b}, {h}) must be 1 or equal to the inputs' ({batch}, {heads})"
             )
 
-
-def block_count(length: int, block_size: int) -> int:
-    """Number of blocks covering ``length`` tokens (the last block may be partial)."""
-    return math.ceil(length / block_size)

@@ -33,13 +33,12 @@ The kernels fold the softmax scale into the exponent's fused multiply-add, which
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._alloc import new_empty
+from ._env import new_empty, triton_interpreting
 from .mask import BlockSparseMask, KernelLayout, kernel_layout_from_lists
 from .quant import PVFormat, QuantConfig, quantize_qk, quantize_v
 from . import tuning
@@ -48,10 +47,6 @@ __all__ = ["triton_block_sparse_attention", "triton_support_error"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535  # CUDA limit on gridDim.y, which holds batch * heads
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
@@ -260,7 +255,7 @@ def triton_support_error(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask,
     if q.dtype not in _TRITON_DTYPES:
         return f"backend='triton' supports {_TRITON_DTYPES}, got {q.dtype=}; cast the inputs or use backend='torch'"
     bf16_dot = quant is None or quant.pv != PVFormat.INT8  # INT8 P·V multiplies only integers
-    if q.dtype == torch.bfloat16 and bf16_dot and q.device.type == "cpu" and _interpreting():
+    if q.dtype == torch.bfloat16 and bf16_dot and q.device.type == "cpu" and triton_interpreting():
         return ("bf16 inputs cannot run in Triton's interpreter (TRITON_INTERPRET=1): its tl.dot returns garbage "
                 "for bf16 operands (triton 3.x); run on a CUDA device, or use float16 / float32 (or a quant "
                 "preset with INT8 P·V, which has no bf16 product) to test the kernels in the interpreter")

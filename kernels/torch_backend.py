@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from ._alloc import new_empty
+from ._env import new_empty
 from .mask import BlockSparseMask
 from .quant import LOG2E, PVFormat, QuantConfig, quantize_qk, quantize_v, round_half_away
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Union
@@ -43,7 +42,7 @@ import torch
 from ..kernels import Backend, BlockSparseMask
 
 __all__ = ["MethodConfig", "AttentionGeometry", "AttentionCall", "SparseAttentionMethod", "config_error",
-           "CONFIG_VERSION", "check_int", "check_number"]
+           "CONFIG_VERSION", "check_int"]
 
 # Version of the serialised config schema (``MethodConfig.version``); configs written
 # by a later schema are refused rather than misread.
@@ -64,18 +63,6 @@ def check_int(cls_name: str, field_name: str, value: Any, *, low: int = 0, multi
             allowed = f"must be an integer >= {low}" + (f" and a multiple of {multiple_of}" if multiple_of > 1 else "")
         raise config_error(cls_name, field_name, value, allowed + (f" ({what})" if what else ""))
     return value
-
-
-def check_number(cls_name: str, field_name: str, value: Any, *, low: float, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False, what: str = "") -> float:
-    """``float(value)`` if it is a finite number in the interval, else ValueError."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise config_error(cls_name, field_name, value, f"must be a finite number in {interval}"
-                           + (f" ({what})" if what else ""))
-    return float(value)
 
 
 @dataclass(frozen=True)

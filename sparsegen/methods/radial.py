@@ -62,7 +62,7 @@ import torch
 
 from ..kernels import BlockSparseMask, block_sparse_attention
 from ..kernels.mask import block_count
-from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, check_int, check_number
+from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, check_int
 
 __all__ = [
     "RadialConfig",
