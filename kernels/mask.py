@@ -184,6 +184,7 @@ class BlockSparseMask:
         kv_block_size: int,
         tile_ids: Optional[torch.Tensor] = None,
         tiles: Optional[torch.Tensor] = None,
+        max_blocks: Optional[int] = None,
     ) -> "BlockSparseMask":
         """Build from a boolean block matrix.
 
@@ -191,6 +192,12 @@ class BlockSparseMask:
             blocks: bool (Qb, Kb), (H, Qb, Kb) or (B, H, Qb, Kb); True = visit the block.
             tile_ids: optional int (same shape as blocks): -1 for a full block, else an
                 index into ``tiles`` (bool (T, q_block_size, kv_block_size)).
+            max_blocks: an upper bound on the key blocks any query block visits, known
+                without looking at ``blocks`` (a top-k selection's k, or Kb). With it the
+                layout is ``max_blocks`` wide and nothing is read back from the device,
+                so masks built per call (block selections on a GPU, under
+                ``torch.compile``) cost no synchronisation; the caller guarantees that
+                every query block visits a key block (not checked then).
 
         Raises:
             ValueError: wrong block counts for the lengths, or a query block with no key block.
@@ -207,11 +214,17 @@ class BlockSparseMask:
                 f"blocks has grid {tuple(blocks.shape[-2:])} but q_len={q_len}, kv_len={kv_len} with blocks "
                 f"({q_block_size}, {kv_block_size}) need ({qb}, {kb})"
             )
-        cls._check_rows_nonempty(blocks)
         counts = blocks.sum(-1).to(torch.int32)
+        if max_blocks is None:
+            cls._check_rows_nonempty(blocks)
+            kmax = max(int(counts.max()), 1)
+        elif isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
+            raise ValueError(f"max_blocks must be an int >= 1 (an upper bound on key blocks per query block), "
+                             f"got {max_blocks=}")
+        else:
+            kmax = min(max_blocks, kb)
         # Stable sort puts visited block indices first, in ascending order.
         order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices
-        kmax = max(int(counts.max()), 1)
         indices = order[..., :kmax].to(torch.int32).contiguous()
         gathered_tiles = None
         if tile_ids is not None:

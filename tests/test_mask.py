@@ -252,3 +252,20 @@ def test_kernel_layout_needs_no_host_sync():
     lay = m.kernel_layout()
     assert lay.indices.device.type == "meta" and lay.indices.shape == (2, 4, 50, 30)
     assert lay.num_full.shape == (2, 4, 50) and lay.tiles.dtype == torch.uint8
+
+
+def test_from_block_matrix_with_a_host_bound_on_the_width():
+    """``max_blocks`` fixes the layout's width without reading the block matrix back; the
+    mask is the same, only wider."""
+    g = torch.Generator().manual_seed(7)
+    blocks = torch.rand(2, 3, 9, 11, generator=g) < 0.3
+    blocks[..., torch.arange(9), torch.arange(9)] = True
+    kw = dict(q_len=9 * 32 - 5, kv_len=11 * 16 - 3, q_block_size=32, kv_block_size=16)
+    tight = BlockSparseMask.from_block_matrix(blocks, **kw)
+    wide = BlockSparseMask.from_block_matrix(blocks, **kw, max_blocks=11)
+    assert wide.kv_indices.shape[-1] == 11 and tight.kv_indices.shape[-1] == int(blocks.sum(-1).max())
+    assert torch.equal(wide.to_block_matrix(), tight.to_block_matrix())
+    assert torch.equal(wide.kv_num_blocks, tight.kv_num_blocks)
+    assert BlockSparseMask.from_block_matrix(blocks, **kw, max_blocks=99).kv_indices.shape[-1] == 11
+    with pytest.raises(ValueError, match=r"max_blocks must be an int >= 1"):
+        BlockSparseMask.from_block_matrix(blocks, **kw, max_blocks=0)

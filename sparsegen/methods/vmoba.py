@@ -265,6 +265,9 @@ class VMoBAPartition:
         unpadded_keys: None, or (key permutation without padding (N -> N), key block size
             g, long (N / g,) partition block of each key block) when a g >= min(block_size,
             32) divides every partition block: keys then need neither padding nor tiles.
+        kernel_blocks_per_block: most kernel blocks one partition block spans (padded
+            order); ``unpadded_blocks_per_block`` the same in blocks of g (unpadded keys).
+            Host ints, so a selection's mask width is known without reading the device.
     """
 
     grid: tuple[int, int, int]
@@ -280,6 +283,8 @@ class VMoBAPartition:
     kv_tile_ids: torch.Tensor
     tiles: Optional[torch.Tensor]
     unpadded_keys: Optional[tuple[TokenPermutation, int, torch.Tensor]] = None
+    kernel_blocks_per_block: int = 1
+    unpadded_blocks_per_block: int = 1
 
     @property
     def num_blocks(self) -> int:
@@ -304,15 +309,20 @@ class VMoBAPartition:
             None if self.tiles is None else self.tiles.to(device),
             None if self.unpadded_keys is None else (self.unpadded_keys[0], self.unpadded_keys[1],
                                                      self.unpadded_keys[2].to(device)),
+            self.kernel_blocks_per_block, self.unpadded_blocks_per_block,
         )
 
-    def block_mask(self, selected: torch.Tensor, *, unpadded_keys: bool = False) -> BlockSparseMask:
+    def block_mask(self, selected: torch.Tensor, *, unpadded_keys: bool = False,
+                   max_selected: Optional[int] = None) -> BlockSparseMask:
         """The kernel mask of a block selection.
 
         Args:
             selected: bool (B, H, Qb, P): query block i attends partition block j.
             unpadded_keys: keys in ``unpadded_keys[0]``'s order (no padding, no tiles)
                 instead of the padded order; needs ``unpadded_keys``.
+            max_selected: at most this many partition blocks per query block (top-k's k,
+                or P): the mask's width follows from it and nothing is read back from the
+                device. None reads the widest row (one host read).
         Returns:
             BlockSparseMask, layout (B, H, Qb, Kb): q_len = L, kv_len = L (padded keys, Kb =
             Qb) or N (unpadded keys, Kb = N / g).
@@ -323,17 +333,22 @@ class VMoBAPartition:
                                  f"(blocks of {sorted(set(self.block_tokens.tolist()))} tokens)")
             kv_perm, g, kv_owner = self.unpadded_keys
             blocks = selected.index_select(-1, kv_owner.to(selected.device))
+            width = None if max_selected is None else max_selected * self.unpadded_blocks_per_block
             return BlockSparseMask.from_block_matrix(blocks, q_len=self.length, kv_len=kv_perm.num_tokens,
-                                                     q_block_size=self.block_size, kv_block_size=g)
+                                                     q_block_size=self.block_size, kv_block_size=g,
+                                                     max_blocks=width)
         kv_owner = self.query_block_owner.to(selected.device)
         blocks = selected.index_select(-1, kv_owner)
         n = self.length
         b = self.block_size
+        width = None if max_selected is None else max_selected * self.kernel_blocks_per_block
         if self.tiles is None:
-            return BlockSparseMask.from_block_matrix(blocks, q_len=n, kv_len=n, q_block_size=b, kv_block_size=b)
+            return BlockSparseMask.from_block_matrix(blocks, q_len=n, kv_len=n, q_block_size=b, kv_block_size=b,
+                                                     max_blocks=width)
         tile_ids = self.kv_tile_ids.to(selected.device).view(1, 1, 1, -1)
         return BlockSparseMask.from_block_matrix(blocks, q_len=n, kv_len=n, q_block_size=b, kv_block_size=b,
-                                                 tile_ids=tile_ids, tiles=self.tiles.to(selected.device))
+                                                 tile_ids=tile_ids, tiles=self.tiles.to(selected.device),
+                                                 max_blocks=width)
 
 
 def vmoba_partition(grid, layer: int, config: VMoBAConfig) -> VMoBAPartition:
@@ -381,13 +396,15 @@ def _build_partition(g: tuple[int, int, int], kind: int, ext: tuple[int, int, in
         lookup = {w: i for i, w in enumerate(widths)}
         tile_ids[partial] = torch.tensor([lookup[w] for w in real[partial].tolist()], dtype=torch.int32)
     unpadded = None
+    unpadded_per_block = 1
     if tiles is not None:
         common = math.gcd(*sizes.tolist())
         kv_block = max(d for d in range(1, min(bs, common) + 1) if common % d == 0)
         if kv_block >= min(bs, _MIN_UNPADDED_KEY_BLOCK):
             unpadded = (layout, kv_block, block_of[::kv_block].contiguous())
+            unpadded_per_block = int(sizes.max()) // kv_block
     return VMoBAPartition(g, kind, ext, bs, permutation, sizes, offsets, position_block, owner, real,
-                          tile_ids, tiles, unpadded)
+                          tile_ids, tiles, unpadded, int(padded.max()) // bs, unpadded_per_block)
 
 
 # ------------------------------------------------------------------ selection
@@ -540,12 +557,15 @@ def _attend(part: VMoBAPartition, q, k, v, layer: int, config: VMoBAConfig, back
     # blocks and skips the per-token bias), so there keys go unpadded when a key block
     # size divides every partition block. The Triton kernels prefer power-of-two blocks.
     torch_path = backend == "torch" or (backend == "auto" and q.device.type != "cuda")
+    # The mask's width is bounded on the host (top-k's k, else every block), so building
+    # it reads nothing back from the device.
+    k_max = min(config.top_k_for(layer), part.num_blocks) if config.selection == Selection.TOPK else part.num_blocks
     if torch_path and part.unpadded_keys is not None:
         kv_perm = part.unpadded_keys[0]
-        mask = part.block_mask(selected, unpadded_keys=True)
+        mask = part.block_mask(selected, unpadded_keys=True, max_selected=k_max)
         kp, vp = kv_perm.apply(k), kv_perm.apply(v)
     else:
-        mask = part.block_mask(selected)
+        mask = part.block_mask(selected, max_selected=k_max)
         vp = perm.apply(v)
     out, lse = block_sparse_attention(qp, kp, vp, mask, return_lse=True, backend=backend)
     if stats is not None:
