@@ -50,8 +50,9 @@ from sparsegen.methods import config_class
 from sparsegen.patching import make_config
 from sparsegen.toy import pipeline as toy
 from sparsegen.toy.data import evaluation_specs
-from toylab.metrics import measure_video, psnr, ssim
-from toylab.probe import dense_attention, record_attention_inputs
+from toylab.metrics import measure_video, prompt_following, psnr, ssim
+from toylab.probe import dense_attention, densities, record_attention_inputs
+from toylab.report import command_block, jsonable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,17 +122,6 @@ def options_label(method_name: str, options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
 
 
-def _jsonable(x):
-    """inf/nan -> strings, so the JSON is standard."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def static_token_density(method_name: str, options: dict, geometry) -> float | None:
     """Share of (query, key) token pairs a static mask attends; None for dynamic methods."""
     method = make_config(method_name, **options).make_method()
@@ -159,15 +149,6 @@ def attention_errors(method_name: str, options: dict, records) -> dict[int, floa
         num[r.layer] = num.get(r.layer, 0.0) + float((approx.float() - exact.float()).abs().sum())
         den[r.layer] = den.get(r.layer, 0.0) + float(exact.float().abs().sum())
     return {layer: num[layer] / den[layer] for layer in sorted(num)}
-
-
-def densities(handle) -> dict:
-    """Mean over steps of the per-step density (dense calls count 1), and over sparse calls only."""
-    per_step = [d for _, d in handle.step_densities()]
-    sparse_sum = float(sum(s["density_sum"] - s["dense_calls"] for s in handle.step_stats))
-    sparse_calls = int(sum(s["sparse_calls"] for s in handle.step_stats))
-    return {"effective_density": float(np.mean(per_step)) if per_step else 1.0,
-            "sparse_call_density": sparse_sum / sparse_calls if sparse_calls else None}
 
 
 def video_scores(videos: np.ndarray, reference: np.ndarray) -> tuple[list[float], list[float]]:
@@ -243,9 +224,7 @@ def run_long(pipe, specs, *, seed, steps, frames_list) -> list[dict]:
         p, s = video_scores(radial, dense)
 
         def follows(videos):
-            ms = [measure_video(v) for v in videos]
-            return {"colour": float(np.mean([m.colour == sp.colour for m, sp in zip(ms, specs)])),
-                    "direction": float(np.mean([m.direction == sp.direction for m, sp in zip(ms, specs)]))}
+            return prompt_following([measure_video(v) for v in videos], specs)
 
         latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
         tokens_per_frame = (toy.DEFAULT_HEIGHT // pipe.vae_scale_factor_spatial) * (
@@ -356,12 +335,7 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         "# Sparse attention quality on the toy model",
         "",
-        "Produced by:",
-        "",
-        "```",
-        result["command"],
-        "```",
-        "",
+        *command_block(result["command"]),
         f"Model `{result['model_path']}` (diffusers `WanTransformer3DModel`, 6 layers, 6 heads; see its model card). "
         f"{result['num_prompts']} fixed prompts (`sparsegen.toy.data.evaluation_specs`), seeds {result['seed']} + prompt "
         f"index, {result['steps']} denoising steps, guidance {result['guidance_scale']}, "
@@ -498,7 +472,7 @@ def main(argv=None) -> int:
             "sparsegen": sparsegen.__version__, "torch": torch.__version__},
         "wall_seconds": time.perf_counter() - tic,
     }
-    (args.out / "quality.json").write_text(json.dumps(_jsonable(result), indent=1, default=str) + "\n")
+    (args.out / "quality.json").write_text(json.dumps(jsonable(result), indent=1, default=str) + "\n")
     write_csv(result, args.out / "quality.csv")
     if str(args.results) != "-":
         write_markdown(result, args.results)

@@ -58,8 +58,10 @@ from sparsegen.toy import pipeline as toy
 from sparsegen.toy.data import (
     BACKGROUNDS, COLOURS, COUNT_WORDS, DIRECTIONS, SEED_RANGES, SHAPES, PromptSpec, evaluation_specs, render_video,
 )
-from toylab.metrics import measure_video, psnr
+from toylab.denoising import denoising_check, one_call_prediction
+from toylab.metrics import above_chance_p, measure_video, motion_consistency
 from toylab.probe import locality_profile, record_attention_inputs
+from toylab.report import command_block
 
 REPO = Path(__file__).resolve().parent.parent
 CHANCE = {"colour": 1 / len(COLOURS), "direction": 1 / len(DIRECTIONS), "count": 1 / 3, "background": 1 / len(BACKGROUNDS)}
@@ -105,20 +107,12 @@ def untrained_pipeline(model_path=None):
                               trained.scheduler, trained.toy_frame_noise_correlation)
 
 
-def above_chance_p(hits: int, trials: int, chance: float) -> float:
-    """One-sided binomial p-value: the probability of at least ``hits`` of ``trials``
-    checks passing by chance alone. With 24 prompts a check needs about 11 hits at chance
-    0.25 (and about 13 at 1/3) to get below 0.05."""
-    from scipy.stats import binom
-
-    return float(binom.sf(hits - 1, trials, chance))
-
-
 def score(videos, specs, truths, classifier) -> dict:
     """Per-check accuracy and ground-truth comparisons for videos (N, F, H, W, 3)."""
-    rows = []
+    rows, measurements = [], []
     for video, spec, truth in zip(videos, specs, truths):
         m = measure_video(video)
+        measurements.append(m)
         true_speed = float(np.linalg.norm(truth.velocities, axis=1).mean())
         rows.append({
             "prompt": spec.prompt,
@@ -135,7 +129,6 @@ def score(videos, specs, truths, classifier) -> dict:
     real_fg = np.array([float((measure_video(t.frames).foreground_fraction)) for t in truths])
     fg = np.array([r["foreground_fraction"] for r in rows])
     speed_ratio = np.array([r["speed"] / r["true_speed"] for r in rows])
-    jitter = [r["track_jitter"] for r in rows if r["track_jitter"] is not None]
     return {
         "accuracy": accuracy,
         "hits": hits,
@@ -143,8 +136,7 @@ def score(videos, specs, truths, classifier) -> dict:
         "median_speed_ratio": float(np.median(speed_ratio)),
         "mean_foreground_fraction": float(fg.mean()),
         "mean_foreground_fraction_real": float(real_fg.mean()),
-        "mean_present_fraction": float(np.mean([r["present_fraction"] for r in rows])),
-        "median_track_jitter": float(np.median(jitter)) if jitter else None,
+        **motion_consistency(measurements),
         "rows": rows,
     }
 
@@ -167,53 +159,6 @@ def reversal_agreement(videos, reversed_videos) -> dict:
         cosines.append(float(va @ vb) / norm if norm > 0 else 0.0)
     cosines = np.array(cosines)
     return {"reversed": float(np.mean(cosines < 0)), "median_cosine": float(np.median(cosines))}
-
-
-DENOISING_SIGMAS = (0.2, 0.5, 0.8, 0.95, 1.0)
-
-
-@torch.no_grad()
-def denoising_check(pipe, real: np.ndarray, prompts, *, seed: int, sigmas=DENOISING_SIGMAS):
-    """One-call clean-video predictions from noised real videos.
-
-    Args:
-        real: (N, F, H, W, 3) generator videos in [0, 1]; prompts: their N prompts.
-    Returns:
-        ({sigma: mean PSNR in dB of the prediction against ``real``}, {sigma: (N, F, H, W, 3) predictions}).
-    """
-    scores, predictions = {}, {}
-    for sigma in sigmas:
-        pred = one_call_prediction(pipe, real, prompts, seed=seed, sigma=sigma)
-        predictions[sigma] = pred
-        scores[sigma] = float(np.mean([psnr(p, r) for p, r in zip(pred, real)]))
-    return scores, predictions
-
-
-@torch.no_grad()
-def one_call_prediction(pipe, real: np.ndarray, prompts, *, seed: int, sigma) -> np.ndarray:
-    """Noise ``real`` as in training and predict the clean video in one conditional call.
-
-    Args:
-        real: (N, F, H, W, 3) generator videos in [0, 1]; prompts: their N prompts.
-        sigma: one noise level, or a sequence of one level per latent frame (the
-            transformer then gets one timestep per token).
-    Returns:
-        (N, F, H, W, 3) predicted videos in [0, 1].
-    """
-    codec, transformer = pipe.vae, pipe.transformer
-    video = torch.from_numpy(real).permute(0, 4, 1, 2, 3).float() * 2.0 - 1.0  # (N, 3, F, H, W) in [-1, 1]
-    x0 = codec.video_to_latents(video)
-    # The noise the model was trained with (its frame correlation, if any).
-    noise = toy.frame_correlated_noise(x0.shape, torch.Generator().manual_seed(seed), pipe.toy_frame_noise_correlation)
-    embeds = toy.encode_prompt(pipe, list(prompts))
-    levels = (torch.full((len(prompts),), float(sigma)) if np.ndim(sigma) == 0
-              else torch.tensor(sigma, dtype=torch.float32).expand(len(prompts), -1))
-    s = toy.broadcast_levels(levels)
-    noisy = (1.0 - s) * x0 + s * noise
-    output = transformer(noisy, toy.transformer_timestep(levels, tuple(x0.shape[2:])), embeds, return_dict=False)[0]
-    x0_pred = toy.clean_latents(output, noisy, levels, pipe.scheduler.config.prediction_type)
-    pred = codec.unpack(codec.denormalize(x0_pred)).clamp(-1, 1)
-    return ((pred + 1.0) / 2.0).permute(0, 2, 3, 4, 1).numpy()
 
 
 # Noise levels where the model has to bring what the prompt says: the video is faint but not gone.
@@ -500,12 +445,7 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         "# Toy model: does it follow prompts, and is its attention local?",
         "",
-        "Produced by:",
-        "",
-        "```",
-        result["command"],
-        "```",
-        "",
+        *command_block(result["command"]),
         f"Model: `{result['model_path']}`. {result['num_prompts']} fixed prompts (`sparsegen.toy.data.evaluation_specs`), "
         f"{result['steps']} denoising steps, guidance {result['guidance_scale']}, "
         f"{toy.SAMPLER_WORDS[result.get('sampler', 'joint')]}, seed {result['seed']} + prompt index, "

@@ -20,7 +20,8 @@ from sparsegen.toy.data import (
     RADIUS_RANGE_PX, REFERENCE_SIZE_PX, TRIANGLE_CIRCUMRADIUS,
 )
 
-__all__ = ["psnr", "ssim", "VideoMeasurement", "measure_video", "foreground_mask", "background_features"]
+__all__ = ["psnr", "ssim", "VideoMeasurement", "measure_video", "foreground_mask", "background_features",
+           "prompt_following", "motion_consistency", "above_chance_p"]
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -276,3 +277,48 @@ def _count_objects(frames: np.ndarray, fg: np.ndarray) -> int:
     values, freq = np.unique(counts, return_counts=True)
     return int(values[freq == freq.max()].max())  # ties -> the larger count (occlusion only lowers it)
 
+
+
+# ------------------------------------------------------------------ summaries over videos
+def prompt_following(measurements, specs, attributes=("colour", "direction")) -> dict[str, float]:
+    """Share of videos whose measured attribute equals the prompt's.
+
+    Args:
+        measurements: one :class:`VideoMeasurement` per video (``measure_video``).
+        specs: the videos' prompt attributes (``sparsegen.toy.data.PromptSpec``), same order.
+        attributes: which of colour, direction, count to compare.
+    Returns:
+        {attribute: share in [0, 1]}.
+    """
+    measurements, specs = list(measurements), list(specs)
+    if len(measurements) != len(specs) or not specs:
+        raise ValueError(f"need one prompt per measured video, got {len(measurements)} videos and {len(specs)} prompts")
+    return {a: float(np.mean([getattr(m, a) == getattr(s, a) for m, s in zip(measurements, specs)]))
+            for a in attributes}
+
+
+def motion_consistency(measurements) -> dict:
+    """Object persistence and track steadiness over videos.
+
+    Returns:
+        {"mean_present_fraction": mean over videos of the share of frames showing an object,
+        "median_track_jitter": median over the videos that have a track (>= 3 frames with an
+        object) of its RMS distance in pixels from a straight line, None when none has one}.
+    """
+    measurements = list(measurements)
+    jitter = [m.track_jitter for m in measurements if m.track_jitter is not None]
+    return {"mean_present_fraction": float(np.mean([m.present_fraction for m in measurements])),
+            "median_track_jitter": float(np.median(jitter)) if jitter else None}
+
+
+def above_chance_p(hits: int, trials: int, chance: float) -> float:
+    """One-sided binomial p-value: the probability of at least ``hits`` of ``trials``
+    checks passing by chance alone. With 24 prompts a check needs about 11 hits at chance
+    0.25 (and about 13 at 1/3) to get below 0.05."""
+    try:
+        from scipy.stats import binom
+    except ImportError as exc:
+        raise ImportError("above_chance_p needs scipy: pip install scipy (or install sparsegen with the 'evals' "
+                          "extra)") from exc
+
+    return float(binom.sf(hits - 1, trials, chance))

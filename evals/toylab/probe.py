@@ -5,7 +5,8 @@
 generation is the dense one) and keeps a copy of its q, k, v for the chosen denoising
 steps. Those tensors are the "same inputs" on which sparse methods are compared with
 dense attention layer by layer (``evals/quality.py``), and from which attention maps are
-formed for the locality plot (``evals/toy_checks.py``).
+formed for the locality plot (``evals/toy_checks.py``). :func:`densities` reads back how
+much attention a patched pipeline computed.
 
 Example::
 
@@ -28,7 +29,7 @@ from sparsegen import apply
 from sparsegen.methods.base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod
 
 __all__ = ["AttentionRecord", "record_attention_inputs", "dense_attention", "attention_probabilities",
-           "locality_profile", "LocalityProfile"]
+           "locality_profile", "LocalityProfile", "densities"]
 
 
 
@@ -209,3 +210,20 @@ def locality_profile(records: list[AttentionRecord]) -> LocalityProfile:
         spatial_mass=by(ds, mass, s_bins), spatial_uniform=by(ds, uniform, s_bins),
         local_mass=float((mass * local).sum()), local_uniform=float((uniform * local).sum()),
     )
+
+
+def densities(handle) -> dict:
+    """Mean over steps of the per-step density (dense calls count 1), and over sparse calls only.
+
+    Args:
+        handle: a ``sparsegen.apply`` handle after a generation (its statistics are read
+            back to the host here).
+    Returns:
+        {"effective_density": mean of ``handle.step_densities()`` (1.0 without steps),
+        "sparse_call_density": mean density of the sparse calls, None if there were none}.
+    """
+    per_step = [d for _, d in handle.step_densities()]
+    sparse_sum = float(sum(s["density_sum"] - s["dense_calls"] for s in handle.step_stats))
+    sparse_calls = int(sum(s["sparse_calls"] for s in handle.step_stats))
+    return {"effective_density": float(np.mean(per_step)) if per_step else 1.0,
+            "sparse_call_density": sparse_sum / sparse_calls if sparse_calls else None}

@@ -1,0 +1,24 @@
+"""Pieces shared by the evaluation scripts' outputs: standard JSON and the command block
+that opens every results page."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["jsonable", "command_block"]
+
+
+def jsonable(x):
+    """inf/nan -> strings, so the JSON is standard (dict keys as strings, tuples as lists)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+def command_block(command: str) -> list[str]:
+    """Markdown lines saying which command produced a page (then a blank line)."""
+    return ["Produced by:", "", "```", command, "```", ""]
