@@ -11,7 +11,8 @@ from sparsegen.kernels.reference import reference_attention
 from sparsegen.methods.base import AttentionGeometry
 from sparsegen.methods.radial import radial_block_mask
 
-from tiny_models import TEXT_DIM, run_wan, text_embeds, tiny_hunyuan_transformer, tiny_wan_pipeline
+from tiny_models import (TEXT_DIM, run_wan, text_embeds, tiny_hunyuan_inputs, tiny_hunyuan_transformer,
+                         tiny_wan_pipeline)
 
 
 def _check_against_reference(seen, block_size, decay_factor):
@@ -86,13 +87,7 @@ def test_radial_on_wan_i2v_leaves_image_cross_attention_untouched():
 
 def test_radial_on_hunyuan_video_tokens_sparse_text_dense():
     model = tiny_hunyuan_transformer()
-    g = torch.Generator().manual_seed(0)
-    text_mask = torch.ones(1, 10, dtype=torch.long)
-    text_mask[:, 7:] = 0
-    inputs = dict(hidden_states=torch.randn(1, 4, 5, 16, 16, generator=g), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, 10, TEXT_DIM, generator=g), encoder_attention_mask=text_mask,
-                  pooled_projections=torch.randn(1, 16, generator=g), guidance=torch.tensor([3500.0]),
-                  return_dict=False)
+    inputs = tiny_hunyuan_inputs()
     with torch.no_grad():
         base = model(**inputs)[0]
         with sparsegen.apply(model, CallRecorder("radial", block_size=32, backend="torch")) as h:

@@ -26,7 +26,7 @@ from sparsegen.methods.vmoba import (
 )
 from sparsegen.testing import CallRecorder, assert_close_to_golden
 
-from tiny_models import TEXT_DIM, run_wan, tiny_hunyuan_transformer, tiny_wan_pipeline
+from tiny_models import TEXT_DIM, run_wan, tiny_hunyuan_inputs, tiny_hunyuan_transformer, tiny_wan_pipeline
 
 # Small blocks so that tiny grids have several blocks of every kind, none dividing (3, 5, 7).
 SMALL = dict(temporal_block=1, spatial_block=(2, 3), spatiotemporal_block=(2, 2, 4), top_k=(2, 3, 4), block_size=16)
@@ -456,13 +456,7 @@ def test_apply_errors_are_clear():
 
 def test_hunyuan_video_tokens_sparse_text_dense():
     model = tiny_hunyuan_transformer()
-    g = torch.Generator().manual_seed(0)
-    text_mask = torch.ones(1, 10, dtype=torch.long)
-    text_mask[:, 7:] = 0
-    inputs = dict(hidden_states=torch.randn(1, 4, 5, 16, 16, generator=g), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, 10, TEXT_DIM, generator=g), encoder_attention_mask=text_mask,
-                  pooled_projections=torch.randn(1, 16, generator=g), guidance=torch.tensor([3500.0]),
-                  return_dict=False)
+    inputs = tiny_hunyuan_inputs()
     cfg = VMoBAConfig(selection="threshold", backend="torch", **WAN_OPTS)
     with torch.no_grad():
         base = model(**inputs)[0]

@@ -68,3 +68,15 @@ def tiny_hunyuan_transformer(seed: int = 0, *, text_dim: int = TEXT_DIM) -> torc
         qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=text_dim, pooled_projection_dim=16,
         rope_axes_dim=(4, 6, 6),
     ).eval()
+
+
+def tiny_hunyuan_inputs(seed: int = 0) -> dict:
+    """Keyword inputs of :func:`tiny_hunyuan_transformer`: latents (1, 4, 5, 16, 16) -> 5 x 8 x 8
+    video tokens, 10 text tokens of which the last 3 are padding."""
+    g = torch.Generator().manual_seed(seed)
+    text_mask = torch.ones(1, 10, dtype=torch.long)
+    text_mask[:, 7:] = 0
+    return dict(hidden_states=torch.randn(1, 4, 5, 16, 16, generator=g), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 10, TEXT_DIM, generator=g), encoder_attention_mask=text_mask,
+                pooled_projections=torch.randn(1, 16, generator=g), guidance=torch.tensor([3500.0]),
+                return_dict=False)
