@@ -136,74 +136,98 @@ def _same(cfg: TileConfig, dims=SHIPPED_HEAD_DIMS) -> dict[int, TileConfig]:
 # cores, no spills (ptxas caps at 255 registers per thread), shared memory within the
 # limit, no replicated MMA, the next tiles' loads in flight (at least 3 stages), and for
 # the forwards issue clocks per unit within the gate's ratio of the reference dense
-# kernel. Head dim 72 takes head dim 96's tiles (both run 128-wide padded tiles).
+# kernel (or the documented exception, gpu_check.ISSUE_RATIO_EXCEPTIONS).
 _P = None  # "fit the 128-token tiles"
 _PREP = T(64, 16, 4, 1)  # rowsum(O * dO): no loop, no pipeline
 
 
 def _rows(**entries) -> dict[tuple[str, str, int], tuple[TileConfig, Optional[TileConfig]]]:
-    """``fwd_16bit=(d64, d96, d128)`` (each a (b128, b64) pair) -> table rows, d72 taking d96's."""
+    """``fwd_16bit=(d64, d72, d96, d128)``, each a (128-token, 64-token) pair, -> table rows."""
     rows = {}
-    for name, (d64, d96, d128) in entries.items():
+    for name, per_dim in entries.items():
         kernel, family = name.rsplit("_", 1) if not name.startswith("fwd_quant") else ("fwd_quant", name[10:])
-        for hd, cfg in ((64, d64), (72, d96), (96, d96), (128, d128)):
+        for hd, cfg in zip(SHIPPED_HEAD_DIMS, per_dim):
             rows[(kernel, family, hd)] = cfg
         if family in ("16bit", "fp32"):
             rows[("bwd_preprocess", family, 64)] = rows[("bwd_preprocess", family, 128)] = (_PREP, _P)
     return rows
 
 
+# Shorthands for the table: B(t) for "t for 128-token blocks, fitted for 64", B(t, s) for
+# "t for 128-token blocks, s for 64".
+def B(t: TileConfig, small: Optional[TileConfig] = _P) -> tuple[TileConfig, Optional[TileConfig]]:
+    return (t, small)
+
+
 _TABLE: dict[int, dict[tuple[str, str, int], tuple[TileConfig, Optional[TileConfig]]]] = {
     90: _rows(
-        fwd_16bit=((T(128, 64, 8, 3, 32), _P), (T(128, 64, 8, 3, 32), T(64, 64, 4, 3)), (T(128, 64, 8, 3), _P)),
-        fwd_fp32=((T(128, 64, 8, 3, 32), _P), (T(128, 32, 8, 3, 16), T(64, 32, 4, 3, 16)),
-                  (T(128, 32, 8, 3, 16), T(64, 32, 4, 3, 16))),
-        fwd_quant_pv_half=((T(128, 64, 8, 3), _P), (T(128, 64, 8, 3), _P), (T(128, 64, 8, 3), _P)),
-        fwd_quant_pv_int8=((T(128, 64, 8, 3), _P), (T(128, 64, 8, 3), T(64, 64, 4, 3, 32)),
-                           (T(128, 64, 8, 3), T(64, 64, 4, 3, 32))),
-        bwd_dkdv_16bit=((T(64, 64, 4, 3, 16), _P), (T(32, 64, 4, 3, 16), _P), (T(32, 64, 4, 3, 16), _P)),
-        bwd_dkdv_fp32=((T(64, 64, 4, 3, 16), _P), (T(16, 64, 4, 3, None, True), _P), (T(32, 64, 4, 3, 16, True), _P)),
-        bwd_dq_16bit=((T(64, 64, 4, 3), _P), (T(64, 64, 4, 3, 16), _P), (T(64, 64, 4, 3), _P)),
-        bwd_dq_fp32=((T(64, 64, 4, 3), _P), (T(64, 32, 4, 3, 16), _P), (T(64, 32, 4, 3, 16), _P)),
+        fwd_16bit=(B(T(128, 64, 8, 3, 32)), B(T(128, 64, 8, 3, 32), T(64, 64, 4, 3)),
+                   B(T(128, 64, 8, 3, 32), T(64, 64, 4, 3)), B(T(128, 64, 8, 3))),
+        fwd_fp32=(B(T(128, 64, 8, 3, 32)), B(T(128, 32, 8, 3, 16), T(64, 16, 4, 3)),
+                  B(T(128, 32, 8, 3, 16), T(64, 16, 4, 3)), B(T(128, 32, 8, 3, 16), T(64, 32, 4, 3, 16))),
+        fwd_quant_pv_half=(B(T(128, 64, 8, 3)), B(T(128, 64, 8, 3), T(64, 64, 4, 3, 32)), B(T(128, 64, 8, 3)),
+                           B(T(128, 64, 8, 3))),
+        fwd_quant_pv_int8=(B(T(128, 64, 8, 3)), B(T(128, 32, 8, 3), T(64, 32, 4, 3)),
+                           B(T(128, 64, 8, 3), T(64, 64, 4, 3, 32)), B(T(128, 64, 8, 3), T(64, 64, 4, 3, 32))),
+        bwd_dkdv_16bit=(B(T(64, 64, 4, 3, 16)), B(T(32, 64, 4, 3, 16)), B(T(32, 64, 4, 3, 16)),
+                        B(T(32, 64, 4, 3, 16))),
+        bwd_dkdv_fp32=(B(T(64, 64, 4, 3, 16)), B(T(16, 64, 4, 3, None, True)), B(T(16, 64, 4, 3, None, True)),
+                       B(T(32, 64, 4, 3, 16, True))),
+        bwd_dq_16bit=(B(T(64, 64, 4, 3)), B(T(64, 64, 4, 3, 16)), B(T(64, 64, 4, 3, 16)), B(T(64, 64, 4, 3))),
+        bwd_dq_fp32=(B(T(64, 64, 4, 3)), B(T(64, 32, 4, 3, 16)), B(T(64, 32, 4, 3, 16)), B(T(64, 32, 4, 3, 16))),
     ),
     80: _rows(
-        fwd_16bit=((T(128, 64, 8, 4, 32), T(64, 64, 4, 3)), (T(64, 64, 4, 3), _P), (T(128, 64, 8, 3), T(64, 64, 4, 4))),
-        fwd_fp32=((T(128, 64, 8, 4), T(64, 64, 4, 3, 32)), (T(64, 64, 4, 3, 32), _P), (T(64, 64, 4, 3, 32), _P)),
-        fwd_quant_pv_half=((T(128, 64, 8, 4, 32), T(64, 64, 4, 3)), (T(128, 64, 8, 3), _P), (T(128, 64, 8, 3), _P)),
-        fwd_quant_pv_int8=((T(128, 64, 8, 4), T(64, 64, 4, 3)), (T(128, 64, 8, 3), T(64, 64, 4, 3, 32)),
-                           (T(128, 64, 8, 3), _P)),
-        bwd_dkdv_16bit=((T(64, 64, 4, 4, 16), _P), (T(64, 64, 4, 3, None, True), _P), (T(64, 64, 4, 3, None, True), _P)),
-        bwd_dkdv_fp32=((T(32, 32, 2, 3, 16), _P), (T(32, 64, 4, 3, None, True), _P), (T(32, 64, 4, 3, None, True), _P)),
-        bwd_dq_16bit=((T(64, 32, 4, 3), _P), (T(64, 32, 4, 3), _P), (T(64, 32, 4, 3), _P)),
-        bwd_dq_fp32=((T(32, 32, 2, 3), _P), (T(64, 32, 4, 3), _P), (T(64, 32, 4, 3), _P)),
+        fwd_16bit=(B(T(128, 64, 8, 4, 32), T(64, 64, 4, 3)), B(T(64, 64, 4, 3)), B(T(64, 64, 4, 3)),
+                   B(T(128, 64, 8, 3), T(64, 64, 4, 4))),
+        fwd_fp32=(B(T(128, 64, 8, 4), T(64, 64, 4, 3, 32)), B(T(64, 64, 4, 3, 32)), B(T(64, 64, 4, 3, 32)),
+                  B(T(64, 64, 4, 3, 32))),
+        fwd_quant_pv_half=(B(T(128, 64, 8, 4, 32), T(64, 64, 4, 3)), B(T(128, 64, 8, 3), T(64, 64, 4, 3, 32)),
+                           B(T(128, 64, 8, 3)), B(T(128, 64, 8, 3))),
+        fwd_quant_pv_int8=(B(T(128, 64, 8, 4), T(64, 64, 4, 3)), B(T(128, 64, 8, 3), T(64, 64, 4, 3, 32)),
+                           B(T(128, 64, 8, 3), T(64, 64, 4, 3, 32)), B(T(128, 64, 8, 3))),
+        bwd_dkdv_16bit=(B(T(64, 64, 4, 4, 16)), B(T(64, 64, 4, 3, None, True), T(64, 32, 2, 3, 16, True)),
+                        B(T(64, 64, 4, 3, None, True), T(64, 32, 2, 3, 16, True)), B(T(64, 64, 4, 3, None, True))),
+        bwd_dkdv_fp32=(B(T(32, 32, 2, 3, 16)), B(T(32, 64, 4, 3, None, True)), B(T(32, 64, 4, 3, None, True)),
+                       B(T(32, 64, 4, 3, None, True))),
+        bwd_dq_16bit=(B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3))),
+        bwd_dq_fp32=(B(T(32, 32, 2, 3)), B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3))),
     ),
     # sm_86 / sm_89: sm_80's tensor-core instructions with 99 KB of shared memory per block.
     86: _rows(
-        fwd_16bit=((T(128, 64, 8, 4, 32), T(64, 64, 4, 3)), (T(64, 64, 4, 3), _P), (T(64, 64, 4, 3), T(64, 64, 4, 3, 32))),
-        fwd_fp32=((T(128, 64, 8, 3, 32), T(64, 64, 4, 3, 32)), (T(64, 32, 4, 3), _P), (T(64, 32, 4, 3), _P)),
-        fwd_quant_pv_half=((T(128, 64, 8, 4, 32), T(64, 64, 4, 3)), (T(128, 64, 8, 3), _P), (T(128, 64, 8, 3), _P)),
-        fwd_quant_pv_int8=((T(128, 64, 8, 4), T(64, 64, 4, 3)), (T(128, 64, 8, 3), T(64, 64, 4, 3, 32)),
-                           (T(128, 64, 8, 3), _P)),
-        bwd_dkdv_16bit=((T(64, 64, 4, 4, 16), _P), (T(64, 32, 2, 3, 16, True), _P), (T(64, 32, 2, 3, 16, True), _P)),
-        bwd_dkdv_fp32=((T(32, 32, 2, 3, 16), _P), (T(16, 32, 2, 3, None, True), _P), (T(16, 32, 2, 3, None, True), _P)),
-        bwd_dq_16bit=((T(64, 32, 4, 3), _P), (T(64, 32, 4, 3), _P), (T(64, 32, 4, 3), _P)),
-        bwd_dq_fp32=((T(32, 32, 2, 3), _P), (T(32, 16, 2, 3), _P), (T(32, 16, 2, 3), _P)),
+        fwd_16bit=(B(T(128, 64, 8, 4, 32), T(64, 64, 4, 3)), B(T(64, 64, 4, 3, 32)), B(T(64, 64, 4, 3, 32)),
+                   B(T(128, 64, 8, 3, 32), T(64, 64, 4, 3, 32))),
+        fwd_fp32=(B(T(128, 64, 8, 3, 32), T(64, 64, 4, 3)), B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3)),
+                  B(T(64, 32, 4, 3))),
+        fwd_quant_pv_half=(B(T(128, 64, 8, 4, 32), T(64, 64, 4, 3)), B(T(128, 64, 8, 3, 32), T(64, 64, 4, 3, 32)),
+                           B(T(128, 64, 8, 3, 32), T(64, 64, 4, 3, 32)), B(T(128, 64, 8, 3, 32), T(64, 64, 4, 3, 32))),
+        fwd_quant_pv_int8=(B(T(128, 64, 8, 4), T(64, 64, 4, 3)), B(T(128, 64, 8, 3, 32), T(64, 64, 4, 3, 32)),
+                           B(T(128, 64, 8, 3), T(64, 64, 4, 3, 32)), B(T(128, 64, 8, 3))),
+        bwd_dkdv_16bit=(B(T(64, 64, 4, 4, 16)), B(T(16, 32, 2, 3)), B(T(16, 32, 2, 3)), B(T(32, 64, 4, 3))),
+        bwd_dkdv_fp32=(B(T(32, 32, 2, 3, 16)), B(T(16, 32, 2, 3, None, True)), B(T(16, 32, 2, 3, None, True)),
+                       B(T(16, 32, 2, 3, None, True))),
+        bwd_dq_16bit=(B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3)), B(T(64, 32, 4, 3))),
+        bwd_dq_fp32=(B(T(32, 32, 2, 3)), B(T(32, 16, 2, 3)), B(T(32, 16, 2, 3)), B(T(32, 16, 2, 3))),
     ),
 }
 _TABLE[89] = dict(_TABLE[86])
-del T
+del T, B
 
 
 def arch_of(device: torch.device) -> int:
-    """Table key for a device: 90 (Hopper), 89 (Ada), 86 (consumer Ampere), else 80 (and the CPU interpreter)."""
+    """Table key for a device: 90 (Hopper), 89 (Ada), 86 (consumer Ampere), else 80 (and the CPU interpreter).
+
+    Newer GPUs, which the gate does not compile for, take the table whose shared-memory
+    budget they have: data-center Blackwell (sm_100, 227 KB per block) Hopper's, consumer
+    Blackwell (sm_120, 99 KB) Ada's.
+    """
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        if major >= 9:
+        if major in (9, 10):
             return 90
+        if major >= 11 or (major, minor) == (8, 9):
+            return 89
         if (major, minor) in ((8, 6), (8, 7)):
             return 86
-        if (major, minor) == (8, 9):
-            return 89
     return 80
 
 
