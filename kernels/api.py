@@ -163,7 +163,9 @@ def block_sparse_attention(
         quant: ``None``, a preset (``"int8"``, ``"int4"``, ``"int8-pv8"``, ``"int4-pv8"``)
             or a :class:`QuantConfig`. Quantized attention is inference-only.
         backend: a :class:`Backend` or its string: ``"auto"`` (Triton on CUDA, else torch;
-            logs why at DEBUG level), ``"triton"``, ``"torch"``, ``"flex"`` (compiled
+            logs why at DEBUG level; on CPU a mask too dense or a sequence too short for
+            block gathering to pay is computed by one fused dense call with the mask as
+            a token bias, the same result), ``"triton"``, ``"torch"``, ``"flex"`` (compiled
             FlexAttention; on CPU inference without the LSE, see :func:`can_run_flex`) or
             ``"reference"`` (dense fp64 oracle, small inputs). An explicit backend never
             falls back: it raises if it cannot run.
@@ -181,6 +183,8 @@ def block_sparse_attention(
         >>> out = block_sparse_attention(q, k, v, mask)
     """
     backend = _resolve_backend(backend)
+    # Only auto may pick the torch path's dense route; an explicit "torch" walks the blocks.
+    torch_route = "auto" if backend == Backend.AUTO else "blocks"
     mask = _check_inputs(q, k, v, mask)
     qcfg = resolve_quant(quant)
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -207,7 +211,7 @@ def block_sparse_attention(
         can_run_torch(q, k, v, mask, qcfg, raise_error=True)
         from .torch_backend import torch_block_sparse_attention
 
-        out, lse = torch_block_sparse_attention(q, k, v, mask, scale=sm_scale, quant=qcfg)
+        out, lse = torch_block_sparse_attention(q, k, v, mask, scale=sm_scale, quant=qcfg, route=torch_route)
     elif backend == Backend.FLEX:
         can_run_flex(q, k, v, mask, qcfg, raise_error=True, return_lse=return_lse)
         from .flex_backend import flex_block_sparse_attention

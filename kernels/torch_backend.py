@@ -43,18 +43,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import logging
+
 import torch
 
 from ._env import new_empty
 from .mask import BlockSparseMask
 from .quant import LOG2E, PVFormat, QuantConfig, quantize_qk, quantize_v, round_half_away
 
-__all__ = ["torch_block_sparse_attention"]
+__all__ = ["torch_block_sparse_attention", "prefers_dense_route", "ROUTES"]
+
+logger = logging.getLogger("sparsegen.kernels")
 
 # Elements of one gathered K (and V) chunk. Measured on a 2-core EPYC (L2 1 MiB per
 # core, L3 32 MiB): chunks of a few MiB keep the gathered blocks in cache until the
 # fused kernel reads them and still amortise its per-call overhead.
 _WORKSPACE_ELEMENTS = 1 << 20
+# The dense route (one fused call with the mask as a token bias; prefers_dense_route).
+# Measured on the 2-core machine (python evals/dense_route.py, fp32, head dim 32, 320-2112
+# tokens): the dense route takes 1.1-1.3x unmasked SDPA's time whatever the mask; walking
+# the blocks takes about (cost per block size) x (block density) of it, the cost growing as
+# blocks shrink (more, smaller gathers and fused calls).
+DENSE_ROUTE_COST = 1.2
+BLOCK_ROUTE_COST = ((16, 3.5), (32, 2.5), (64, 1.7))  # (largest block size, cost); larger blocks 1.5
+# The dense route is taken only while the mask's token bias (one per batch and head of the
+# layout) stays this small.
+DENSE_ROUTE_MAX_BIAS_ELEMENTS = 1 << 24
 # Tallest query tile built by merging query blocks with identical key sets. The CPU
 # flash kernel uses 256-row query splits from 768 rows on, so larger tiles gain little.
 _MAX_MERGED_QUERY_TOKENS = 1024
@@ -240,9 +254,88 @@ class _Workspace:
         return self.k[:elements], self.v[:elements]
 
 
-def _forward(q, k, v, mask: BlockSparseMask, scale: float, quant: Optional[QuantConfig]):
+def _dense_route_bias(mask: BlockSparseMask, dtype: torch.dtype) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(bias, empty): the additive bias (B or 1, H or 1, q_len, kv_len) of the mask's token
+    pairs (None if it attends all) and the bool (B or 1, H or 1, q_len) rows that attend
+    nothing (None if there are none).
+
+    Built once per mask and dtype (the mask is host data on CPU: nothing is synchronised).
+    """
+    key = ("dense_route_bias", dtype)
+    cache = mask._cache
+    if key not in cache:
+        if mask.tile_ids is None and bool((mask.kv_num_blocks == mask.num_kv_blocks).all()):
+            cache[key] = (None, None)
+        else:
+            allowed = mask.to_dense()
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            empty = ~allowed.any(-1)
+            cache[key] = (bias.masked_fill_(~allowed, float("-inf")), empty if bool(empty.any()) else None)
+    return cache[key]
+
+
+def block_route_cost(mask: BlockSparseMask) -> float:
+    """Time of walking every block of ``mask``'s geometry, relative to unmasked SDPA (measured; see above)."""
+    size = min(mask.q_block_size, mask.kv_block_size)
+    return next((cost for largest, cost in BLOCK_ROUTE_COST if size <= largest), 1.5)
+
+
+def prefers_dense_route(mask: BlockSparseMask, q_len: int, kv_len: int) -> bool:
+    """Whether one fused dense call (with the mask as a token bias) beats gathering blocks on CPU.
+
+    Gathering pays per visited block (more for small blocks) and runs the fused kernel on
+    short query tiles. A mask that visits every block takes the dense call without a bias
+    (the same result, bit for bit the unmasked kernel). Otherwise, while the token bias
+    stays under :data:`DENSE_ROUTE_MAX_BIAS_ELEMENTS`, the dense call with the bias is taken
+    when :func:`block_route_cost` x block density reaches :data:`DENSE_ROUTE_COST`
+    (``python evals/dense_route.py`` measures both routes). Decided from the mask's host
+    data, cached on the mask.
+    """
+    key = ("dense_route", q_len, kv_len)
+    cache = mask._cache
+    if key not in cache:
+        full = mask.tile_ids is None and bool((mask.kv_num_blocks == mask.num_kv_blocks).all())
+        b, h = mask.shape[:2]
+        bias_fits = b * h * q_len * kv_len <= DENSE_ROUTE_MAX_BIAS_ELEMENTS
+        density = mask.density()
+        cache[key] = full or (bias_fits and block_route_cost(mask) * density >= DENSE_ROUTE_COST)
+        logger.debug("torch path: %s route for q_len=%d, kv_len=%d, block density %.3f",
+                     "dense" if cache[key] else "block", q_len, kv_len, density)
+    return cache[key]
+
+
+def _dense_route_forward(q, k, v, mask: BlockSparseMask, scale: float):
+    """The masked result from one call of PyTorch's fused CPU kernel: out (B, Sq, H, D), lse (B, H, Sq)."""
+    bias, empty = _dense_route_bias(mask, q.dtype)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    # The bias broadcasts over a layout's batch and heads of size 1 (never expanded: the
+    # fused kernel reads a broadcast bias faster than an expanded view).
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False, attn_mask=bias,
+                                                                        scale=scale)
+    lse = lse.float()
+    if empty is not None:
+        # Rows that attend nothing: zero output and -inf LSE (mask.py's contract; the fused
+        # kernel reports a finite LSE for them).
+        empty = empty.expand(q.shape[0], q.shape[2], -1)
+        o = o.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return o.transpose(1, 2), lse
+
+
+ROUTES = ("auto", "blocks", "dense")
+
+
+def _forward(q, k, v, mask: BlockSparseMask, scale: float, quant: Optional[QuantConfig], route: str = "auto"):
     if quant is not None:
         return _forward_quant(q, k, v, mask, scale, quant)
+    if q.device.type == "cpu" and (route == "dense" or (route == "auto" and
+                                                       prefers_dense_route(mask, q.shape[1], k.shape[1]))):
+        return _dense_route_forward(q, k, v, mask, scale)
+    return _block_forward(q, k, v, mask, scale)
+
+
+def _block_forward(q, k, v, mask: BlockSparseMask, scale: float):
+    """Gathered key blocks, one fused call per chunk of query blocks (the module docstring)."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
     qbs, kbs = mask.q_block_size, mask.kv_block_size
@@ -418,8 +511,8 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, mask: BlockSparseMask, scal
 
 class _TorchBlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        out, lse = _forward(q, k, v, mask, scale, None)
+    def forward(ctx, q, k, v, mask, scale, route):
+        out, lse = _forward(q, k, v, mask, scale, None, route)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale = mask, scale
         return out, lse
@@ -430,7 +523,7 @@ class _TorchBlockSparse(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         dq, dk, dv = _backward(q, k, v, out, lse, grad_out, grad_lse, ctx.mask, ctx.scale)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def torch_block_sparse_attention(
@@ -441,18 +534,25 @@ def torch_block_sparse_attention(
     *,
     scale: float,
     quant: Optional[QuantConfig] = None,
+    route: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on any device with PyTorch ops (fast on CPU).
 
     Args:
         q: (B, Sq, H, D); k, v: (B, Sk, H, D); mask already checked against the shapes.
+        route: on CPU, how the forward computes the masked result: ``"blocks"`` (gather
+            the visited key blocks), ``"dense"`` (one fused call over all pairs with the
+            mask as a token bias) or ``"auto"`` (:func:`prefers_dense_route`). Same result
+            either way; the backward always walks the blocks.
     Returns:
         out (B, Sq, H, D) in q's dtype, lse fp32 (B, H, Sq) (natural log).
     """
+    if route not in ROUTES:
+        raise ValueError(f"route={route!r} is not one of {ROUTES}")
     if quant is not None:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             raise ValueError("quantized attention is inference-only; run it under torch.no_grad() or use quant=None")
         return _forward(q, k, v, mask, scale, quant)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _TorchBlockSparse.apply(q, k, v, mask, scale)
-    return _forward(q, k, v, mask, scale, None)
+        return _TorchBlockSparse.apply(q, k, v, mask, scale, route)
+    return _forward(q, k, v, mask, scale, None, route)
