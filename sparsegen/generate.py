@@ -21,9 +21,10 @@ DEFAULT_METHOD = "radial"
 
 
 def method_config(method: str, *, preset: Optional[str] = None, options: Optional[dict] = None,
-                  model_presets: Optional[dict] = None, log=print):
-    """The config of ``method``: a named preset (or the model's own preset for the method,
-    from ``model_presets``), with each field the user gave in ``options`` overriding that
+                  model_presets: Optional[dict] = None, model_named_presets: Optional[dict] = None, log=print):
+    """The config of ``method``: a named preset (the model's own of that name in
+    ``model_named_presets``, else the method's), or the model's own preset for the method
+    (from ``model_presets``), with each field the user gave in ``options`` overriding that
     field only. Says what it combined through ``log``.
 
     Raises:
@@ -34,10 +35,14 @@ def method_config(method: str, *, preset: Optional[str] = None, options: Optiona
 
     cfg_cls = config_class(method)
     options = dict(options or {})
-    if preset is not None:
+    named = (model_named_presets or {}).get(method, {})
+    if preset is not None and preset in named:
+        base, source = dict(named[preset]), f"the built-in model's preset {preset!r}"
+    elif preset is not None:
         base, source = dict(cfg_cls.presets.get(preset, {})), f"preset {preset!r}"
         if preset not in cfg_cls.presets:
-            raise ValueError(f"method {method!r} has no preset {preset!r}; presets: {sorted(cfg_cls.presets)}")
+            raise ValueError(f"method {method!r} has no preset {preset!r}; presets: "
+                             f"{sorted(set(cfg_cls.presets) | set(named))}")
     elif model_presets and method in model_presets:
         base, source = dict(model_presets[method]), "the built-in model's preset"
     else:
@@ -90,6 +95,7 @@ class _Model:
                              "steps": toy.DEFAULT_NUM_INFERENCE_STEPS, "guidance": toy.DEFAULT_GUIDANCE_SCALE,
                              "fps": 8}
             self.presets = toy.PRESETS
+            self.named_presets = toy.NAMED_PRESETS
             self._toy = toy
             self.steps_note = (" in each of two stages (a video, then its later frames again continuing its first)"
                                if self.pipe.toy_sampler == "first-frame" else "")
@@ -101,7 +107,7 @@ class _Model:
             self.pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype).to(device)
             self.defaults = {"prompt": "a cat walking through tall grass, cinematic", "frames": 33, "height": 480,
                              "width": 832, "steps": 30, "guidance": 5.0, "fps": 16}
-            self.presets = {}
+            self.presets = self.named_presets = {}
             self._toy = None
             self.steps_note = ""
         self.pipe.set_progress_bar_config(disable=False, leave=False)
@@ -170,6 +176,7 @@ def generate_video(
     out: Optional[str] = "video.mp4",
     fps: Optional[int] = None,
     compare_dense: bool = False,
+    repeats: int = 1,
     lora: Optional[str] = None,
     log=print,
 ) -> dict:
@@ -186,7 +193,14 @@ def generate_video(
     The summary holds the settings, per-step seconds and attention density, total
     seconds, and with ``compare_dense`` the dense time, the speedup and the PSNR of the
     sparse video against the dense one.
+
+    With ``repeats`` > 1 the runs alternate (dense, sparse, dense, sparse, ... with
+    ``compare_dense``), so a change in the machine's load hits both alike; the times
+    reported are the medians (``*_seconds_runs`` list every run) and the speedup is the
+    ratio of the medians. Every run makes the same video (same seed).
     """
+    if not (isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1):
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     import sparsegen
 
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -217,29 +231,42 @@ def generate_video(
                              f"only {recipe.method['method']}'s options to override its fields")
         cfg = recipe.config(**(options or {}))
     else:
-        cfg = method_config(method, preset=preset, options=options, model_presets=m.presets, log=log)
+        cfg = method_config(method, preset=preset, options=options, model_presets=m.presets,
+                            model_named_presets=m.named_presets, log=log)
     summary = {"model": model, "method": cfg.to_dict(), "settings": settings, "device": device,
                "dtype": str(torch_dtype).replace("torch.", ""), "lora": lora}
 
     dense_frames = None
+    dense_runs: list[float] = []
+    sparse_runs: list[float] = []
+    for r in range(repeats):
+        which = f" (run {r + 1} of {repeats})" if repeats > 1 else ""
+        if compare_dense:
+            log(f"[sparsegen] dense run{which}: {settings['frames']} frames {settings['height']}x{settings['width']}, "
+                f"{settings['steps']} steps{m.steps_note}")
+            dense_frames, steps_r, total_r, _ = _timed_run(m, settings)
+            dense_runs.append(total_r)
+            if r == 0 or total_r <= min(dense_runs):
+                summary["dense_step_seconds"] = steps_r
+        log(f"[sparsegen] {cfg.method} run{which}: {settings['frames']} frames "
+            f"{settings['height']}x{settings['width']}, {settings['steps']} steps{m.steps_note}")
+        handle = sparsegen.apply(m.pipe, cfg)
+        try:
+            sparse_frames, steps_r, total_r, density_r = _timed_run(m, settings, handle)
+        finally:
+            handle.remove()
+        sparse_runs.append(total_r)
+        if r == 0 or total_r <= min(sparse_runs):
+            sparse_steps, step_density = steps_r, density_r
+    sparse_total = float(np.median(sparse_runs))
+    summary["seconds_runs"] = sparse_runs
     if compare_dense:
-        log(f"[sparsegen] dense run: {settings['frames']} frames {settings['height']}x{settings['width']}, "
-            f"{settings['steps']} steps{m.steps_note}")
-        dense_frames, dense_steps, dense_total, _ = _timed_run(m, settings)
-        summary["dense_seconds"] = dense_total
-        summary["dense_step_seconds"] = dense_steps
-
-    log(f"[sparsegen] {cfg.method} run: {settings['frames']} frames {settings['height']}x{settings['width']}, "
-        f"{settings['steps']} steps{m.steps_note}")
-    handle = sparsegen.apply(m.pipe, cfg)
-    try:
-        sparse_frames, sparse_steps, sparse_total, step_density = _timed_run(m, settings, handle)
-    finally:
-        handle.remove()
+        summary["dense_seconds"] = float(np.median(dense_runs))
+        summary["dense_seconds_runs"] = dense_runs
     summary["seconds"] = sparse_total
     summary["step_seconds"] = sparse_steps
     summary["step_density"] = step_density
-    for i, (sec, den) in enumerate(zip(sparse_steps, summary["step_density"])):
+    for i, (sec, den) in enumerate(zip(sparse_steps, summary["step_density"])):  # the fastest run's steps
         dtxt = "n/a" if den is None else f"{den:.3f}"
         log(f"  step {i:3d}: {sec * 1000:8.1f} ms   attention density {dtxt}")
     log(f"[sparsegen] total {sparse_total:.2f} s")
@@ -250,7 +277,9 @@ def generate_video(
     if dense_frames is not None:
         summary["speedup"] = summary["dense_seconds"] / sparse_total
         summary["psnr_vs_dense"] = psnr(sparse_frames, dense_frames)
-        log(f"[sparsegen] dense {summary['dense_seconds']:.2f} s, {cfg.method} {sparse_total:.2f} s: "
+        med = " (medians of alternating runs: dense " + ", ".join(f"{t:.2f}" for t in dense_runs) + f"; {cfg.method} " \
+            + ", ".join(f"{t:.2f}" for t in sparse_runs) + ")" if repeats > 1 else ""
+        log(f"[sparsegen] dense {summary['dense_seconds']:.2f} s, {cfg.method} {sparse_total:.2f} s{med}: "
             f"speedup {summary['speedup']:.2f}x, PSNR vs dense {summary['psnr_vs_dense']:.2f} dB")
         if out:
             root, ext = os.path.splitext(out)

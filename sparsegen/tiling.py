@@ -110,7 +110,8 @@ class TokenPermutation:
         num_tokens: N, the source sequence length.
         length: L >= N, the permuted (padded) length.
 
-    ``invert(apply(x))`` equals ``x`` exactly (the gathers copy values).
+    ``invert(apply(x))`` equals ``x`` exactly (the gathers copy values; an identity order
+    returns ``x`` itself, no copy).
     """
 
     def __init__(self, perm: torch.Tensor, num_tokens: int):
@@ -132,6 +133,7 @@ class TokenPermutation:
         self.length = int(perm.numel())
         self.valid = valid
         self.has_padding = self.length != n
+        self._identity = not self.has_padding and bool(torch.equal(perm, torch.arange(n)))
         self._dev: dict = {}
 
     def __repr__(self) -> str:
@@ -145,7 +147,8 @@ class TokenPermutation:
         return self._dev[key]
 
     def is_identity(self) -> bool:
-        return not self.has_padding and bool(torch.equal(self.perm, torch.arange(self.num_tokens)))
+        """True when the order is the source order without padding (then apply/invert return ``x`` itself)."""
+        return self._identity
 
     def apply(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Reorder ``x`` along ``dim`` (size N) into the permuted order (size L; pads are 0).
@@ -158,6 +161,8 @@ class TokenPermutation:
         if x.shape[dim] != self.num_tokens:
             raise ValueError(f"x has {x.shape[dim]} tokens along dim={dim} but the permutation is for "
                              f"{self.num_tokens}; {tuple(x.shape)=}")
+        if self._identity:
+            return x
         gather, _, valid = self._on(x.device)
         out = x.index_select(dim, gather)
         if self.has_padding:
@@ -171,6 +176,8 @@ class TokenPermutation:
         if x.shape[dim] != self.length:
             raise ValueError(f"x has {x.shape[dim]} positions along dim={dim} but the permuted sequence "
                              f"has {self.length}; {tuple(x.shape)=}")
+        if self._identity:
+            return x
         _, inverse, _ = self._on(x.device)
         return x.index_select(dim, inverse)
 

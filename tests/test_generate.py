@@ -47,6 +47,23 @@ def test_generate_dense_method_equals_dense_run(tmp_path):
     assert summary["step_density"] == [1.0] * 4  # two stages of 2 steps
 
 
+def test_repeats_alternate_runs_and_report_medians(tmp_path, capsys):
+    summary_path = tmp_path / "s.json"
+    assert generate_main(["--steps", "2", "--frames", "9", "--out", str(tmp_path / "r.mp4"), "--compare-dense",
+                          "--repeats", "3", "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert len(summary["seconds_runs"]) == len(summary["dense_seconds_runs"]) == 3
+    assert summary["seconds"] == pytest.approx(float(np.median(summary["seconds_runs"])))
+    assert summary["dense_seconds"] == pytest.approx(float(np.median(summary["dense_seconds_runs"])))
+    assert summary["speedup"] == pytest.approx(summary["dense_seconds"] / summary["seconds"])
+    log = capsys.readouterr().out
+    order = [line.split(" run")[0] for line in log.splitlines() if "run (run" in line]
+    assert order == ["[sparsegen] dense", "[sparsegen] radial"] * 3, order
+    assert "medians of alternating runs" in log
+    with pytest.raises(SystemExit, match="repeats must be an int >= 1, got 0"):
+        generate_main(["--steps", "1", "--repeats", "0", "--out", str(tmp_path / "x.mp4")])
+
+
 def test_method_flags_come_from_the_config_fields_and_parse_by_type(capsys):
     parser = cli.build_parser(["generate", "--method", "radial"])
     args = parser.parse_args(["generate", "--decay-factor", "0.5", "--no-sink", "--dense-layers", "0,2",
@@ -76,6 +93,21 @@ def test_presets_are_overridden_field_by_field_and_the_log_says_so():
     with pytest.raises(ValueError, match=r"method 'radial' has no preset 'mochi'; presets: \["):
         method_config("radial", preset="mochi")
     assert method_config("radial", log=lines.append) == method_config("radial", options={})
+
+
+def test_built_in_model_named_preset_long():
+    from sparsegen.toy.pipeline import NAMED_PRESETS, PRESETS
+
+    lines = []
+    cfg = method_config("gna", preset="long", options={"dense_steps": 0}, model_presets=PRESETS,
+                        model_named_presets=NAMED_PRESETS, log=lines.append)
+    assert (cfg.kernel_size, cfg.tile, cfg.block_size, cfg.dense_layers, cfg.dense_steps) == (
+        (3, 8, 8), (1, 8, 8), 64, 0, 0)
+    assert lines[0].startswith("[sparsegen] gna: the built-in model's preset 'long' (")
+    with pytest.raises(ValueError, match=r"method 'radial' has no preset 'long'; presets: \[.*'wan2.1'"):
+        method_config("radial", preset="long", model_named_presets=NAMED_PRESETS)
+    with pytest.raises(ValueError, match=r"method 'gna' has no preset 'short'; presets: \[.*'long'"):
+        method_config("gna", preset="short", model_named_presets=NAMED_PRESETS)
 
 
 def test_generate_errors_are_clear(tmp_path, capsys):

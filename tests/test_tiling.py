@@ -209,3 +209,15 @@ def test_bad_arguments_name_the_argument():
         TokenPermutation(torch.tensor([0, 0, 1]), 3)
     with pytest.raises(ValueError, match=r"perm must hold every token 0..2 once"):
         TokenPermutation(torch.tensor([0, 1]), 3)
+
+
+def test_identity_permutation_returns_its_input():
+    from sparsegen.tiling import TokenPermutation
+
+    x = torch.randn(2, 12, 3, 4)
+    ident = TokenPermutation(torch.arange(12), 12)
+    assert ident.is_identity() and ident.apply(x) is x and ident.invert(x) is x
+    swapped = TokenPermutation(torch.tensor([1, 0] + list(range(2, 12))), 12)
+    assert not swapped.is_identity() and torch.equal(swapped.invert(swapped.apply(x)), x)
+    padded = TokenPermutation(torch.tensor(list(range(12)) + [12]), 12)
+    assert not padded.is_identity() and padded.apply(x).shape[1] == 13

@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=available_methods(),
                    help=f"sparse method (default {DEFAULT_METHOD}); its options are listed below")
     p.add_argument("--preset", default=None,
-                   help="start from a named preset of the method (e.g. radial: wan2.1, wan2.2, hunyuanvideo); "
-                        "flags override its fields")
+                   help="start from a named preset of the method (e.g. radial: wan2.1, wan2.2, hunyuanvideo; "
+                        "the built-in model's gna: long); flags override its fields")
     p.add_argument("--config", default=None, help="the whole method config as JSON (a file path or a JSON string)")
     p.add_argument("--prompt", default=None, help="text prompt (default: the model's example prompt)")
     p.add_argument("--negative-prompt", default=None)
@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--out", default="video.mp4", help="output mp4 path")
     p.add_argument("--compare-dense", action="store_true",
                    help="also run dense attention: report speedup and PSNR, write a side-by-side video")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run N times, alternating with the dense run under --compare-dense, and report median "
+                        "times (robust on a busy machine)")
     p.add_argument("--json", default=None, help="write a JSON summary to this path")
     p.add_argument("--lora", default=None,
                    help="a LoRA folder from `sparsegen train-lora`: loads it and runs its recipe's method config "
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
             model=args.model, method=args.method, options=options, preset=args.preset, config=config,
             prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
             width=args.width, steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device,
-            dtype=args.dtype, out=args.out, fps=args.fps, compare_dense=args.compare_dense, lora=args.lora,
+            dtype=args.dtype, out=args.out, fps=args.fps, compare_dense=args.compare_dense, repeats=args.repeats,
+            lora=args.lora,
         )
     except ValueError as e:
         raise SystemExit(f"sparsegen generate: {e}") from None

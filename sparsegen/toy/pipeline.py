@@ -67,6 +67,15 @@ PRESETS: dict[str, dict] = {
     "gna": dict(kernel_size=(3, 5, 5), block_size=16, dense_steps=5),
     "vmoba": dict(VMOBA_BLOCKS, top_k=(2, 3, 8), dense_steps=5),
 }
+# Named presets of this model (``sparsegen generate --method M --preset NAME``), beside the
+# methods' own. "long": for videos several times the 17 frames the model was trained on,
+# each latent frame attends whole frames within one frame of it (a 3 x 8 x 8 window, one
+# 64-token block per frame: no partial blocks), every layer sparse, 1 dense warm-up
+# step per stage; local attention is what keeps the cost linear in the length
+# (README "Quickstart": 129 frames).
+NAMED_PRESETS: dict[str, dict[str, dict]] = {
+    "gna": {"long": dict(kernel_size=(3, 8, 8), tile=(1, 8, 8), block_size=64, dense_steps=1, dense_layers=0)},
+}
 
 SPATIAL_FACTOR = 4  # codec: 4 x 4 pixels per latent cell
 TEMPORAL_FACTOR = 4  # codec: 4 frames per latent frame (after the first)
