@@ -24,6 +24,7 @@ _LAZY = {
     "VMoBAConfig": "sparsegen.methods.vmoba",
     "DenseConfig": "sparsegen.methods.dense",
     "neighborhood_attention": "sparsegen.neighborhood",
+    "reorder_tokens": "sparsegen.reorder",
 }
 
 

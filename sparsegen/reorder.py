@@ -1,0 +1,112 @@
+"""Reordering video tokens along one of the six orders of (frames, height, width), per head.
+
+A video's tokens arrive in row-major (F, H, W) order: frames slowest, columns fastest.
+Attention heads whose pattern is "the same pixel across frames" or "the same row" become
+block-diagonal once the tokens are laid out in another order; PARO chooses one order per
+(layer, head). An order is a permutation of the letters ``"FHW"``, slowest axis first::
+
+    grid (F, H, W) = (2, 2, 3), token t = f * 6 + h * 3 + w
+
+    "FHW" (identity)   0  1  2  3  4  5 |  6  7  8  9 10 11
+    "HWF"              0  6  1  7  2  8 |  3  9  4 10  5 11     (each pixel's frames adjacent)
+    "WHF"              0  6  3  9  1  7 |  4 10  2  8  5 11
+
+Position ``p`` of the reordered sequence holds source token ``perm[p]``; ``inverse=True``
+puts every token back. Exact: the round trip returns the input bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+from typing import Sequence, Union
+
+import torch
+
+__all__ = ["ORDERS", "reorder_tokens", "order_permutation"]
+
+# The six orders of (F, H, W), slowest axis first; "FHW" is the layout tokens arrive in.
+ORDERS = tuple("".join(p) for p in itertools.permutations("FHW"))
+
+
+def _check_grid(grid) -> tuple[int, int, int]:
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)):
+        raise ValueError(f"grid must be (frames, height, width) of ints >= 1, got {grid!r}")
+    return tuple(grid)
+
+
+def _check_order(order) -> str:
+    if not isinstance(order, str) or order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS} (slowest axis first), got {order!r}")
+    return order
+
+
+@lru_cache(maxsize=256)
+def _permutation(grid: tuple[int, int, int], order: str, inverse: bool) -> torch.Tensor:
+    f, h, w = grid
+    perm = torch.arange(f * h * w).view(f, h, w).permute(*("FHW".index(a) for a in order)).reshape(-1)
+    return torch.argsort(perm) if inverse else perm
+
+
+def order_permutation(grid: Sequence[int], order: str, *, inverse: bool = False) -> torch.Tensor:
+    """long (F*H*W,): the source token at each position of ``order`` (or, with ``inverse``,
+    the position of each source token), for a grid of (frames, height, width) tokens.
+
+    Raises:
+        ValueError: a grid that is not three ints >= 1, an order that is not a permutation of "FHW".
+    """
+    return _permutation(_check_grid(tuple(grid) if isinstance(grid, list) else grid), _check_order(order),
+                        bool(inverse)).clone()
+
+
+def reorder_tokens(x: torch.Tensor, *, grid: Sequence[int], order: Union[str, Sequence[str]],
+                   inverse: bool = False) -> torch.Tensor:
+    """Lay the video tokens of ``x`` out in another order of (F, H, W), per head.
+
+    Args:
+        x: (B, S, H, D) with S = F * H * W video tokens in row-major (F, H, W) order
+            (``inverse=True``: in the reordered layout).
+        grid: (F, H, W), the latent grid after patchify.
+        order: one of :data:`ORDERS` for every head, or a sequence of one order per head
+            (length H of ``x``).
+        inverse: undo the reordering (``reorder_tokens(reorder_tokens(x, ...), ...,
+            inverse=True)`` is ``x`` exactly).
+
+    Returns:
+        (B, S, H, D), a new tensor (one gather per distinct order).
+
+    Raises:
+        TypeError: ``x`` is not a tensor. ValueError: ``x`` is not 4-D, S != F * H * W, a
+        bad grid or order, or a per-head list whose length is not H.
+
+    Example::
+
+        >>> q = torch.randn(1, 2 * 4 * 4, 3, 8)
+        >>> qr = reorder_tokens(q, grid=(2, 4, 4), order=["FHW", "HWF", "HWF"])
+        >>> torch.equal(reorder_tokens(qr, grid=(2, 4, 4), order=["FHW", "HWF", "HWF"], inverse=True), q)
+        True
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be laid out (batch, seq, heads, head_dim); got {tuple(x.shape)=}")
+    grid = _check_grid(tuple(grid) if isinstance(grid, list) else grid)
+    n = grid[0] * grid[1] * grid[2]
+    if x.shape[1] != n:
+        raise ValueError(f"x has {x.shape[1]} tokens but grid {grid} holds {n}; pass the video tokens only "
+                         f"(split off text tokens first), {tuple(x.shape)=}")
+    if isinstance(order, str):
+        return x.index_select(1, _permutation(grid, _check_order(order), inverse).to(x.device))
+    orders = [_check_order(o) for o in order]
+    if len(orders) != x.shape[2]:
+        raise ValueError(f"order lists {len(orders)} orders but x has {x.shape[2]} heads; give one per head "
+                         "or a single string for all")
+    if len(set(orders)) == 1:
+        return reorder_tokens(x, grid=grid, order=orders[0], inverse=inverse)
+    out = torch.empty_like(x)
+    for o in dict.fromkeys(orders):  # distinct orders, first-seen order
+        heads = torch.tensor([i for i, oi in enumerate(orders) if oi == o], device=x.device)
+        idx = _permutation(grid, o, inverse).to(x.device)
+        out.index_copy_(2, heads, x[:, idx[:, None], heads[None, :]])
+    return out
