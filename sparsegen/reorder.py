@@ -23,7 +23,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["ORDERS", "reorder_tokens", "order_permutation"]
+__all__ = ["ORDERS", "reorder_tokens", "order_permutation", "reordered_attention"]
 
 # The six orders of (F, H, W), slowest axis first; "FHW" is the layout tokens arrive in.
 ORDERS = tuple("".join(p) for p in itertools.permutations("FHW"))
@@ -110,3 +110,35 @@ def reorder_tokens(x: torch.Tensor, *, grid: Sequence[int], order: Union[str, Se
         idx = _permutation(grid, o, inverse).to(x.device)
         out.index_copy_(2, heads, x[:, idx[:, None], heads[None, :]])
     return out
+
+
+def reordered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, grid: Sequence[int],
+                        order: Union[str, Sequence[str]], scale=None, return_lse: bool = False, quant=None,
+                        backend="auto"):
+    """Block-sparse attention over video tokens laid out per head in another (F, H, W) order.
+
+    Reorders q, k and v with :func:`reorder_tokens`, runs
+    :func:`~sparsegen.kernels.block_sparse_attention` with ``mask`` (its blocks refer to the
+    reordered positions; a per-head layout (1 or B, H, ...) gives each head its own), and
+    puts the output (and LSE) back in row-major (F, H, W) order.
+
+    Args:
+        q, k, v: (B, S, H, D), S = F * H * W video tokens in row-major order.
+        mask: a ``BlockSparseMask`` over the reordered tokens (q_len = kv_len = S).
+        grid, order: as :func:`reorder_tokens`.
+        scale, return_lse, quant, backend: as ``block_sparse_attention``.
+
+    Returns:
+        out (B, S, H, D) in the input order, and with ``return_lse`` the LSE (B, H, S).
+    """
+    from .kernels import block_sparse_attention
+
+    qr, kr, vr = (reorder_tokens(t, grid=grid, order=order) for t in (q, k, v))
+    res = block_sparse_attention(qr, kr, vr, mask, scale=scale, return_lse=return_lse, quant=quant, backend=backend)
+    out, lse = res if return_lse else (res, None)
+    out = reorder_tokens(out, grid=grid, order=order, inverse=True)
+    if not return_lse:
+        return out
+    # (B, H, S) -> (B, S, H, 1) to reuse the per-head inverse, and back.
+    lse = reorder_tokens(lse.transpose(1, 2)[..., None], grid=grid, order=order, inverse=True)[..., 0].transpose(1, 2)
+    return out, lse

@@ -59,3 +59,31 @@ def test_bad_inputs_say_what_to_do():
         reorder_tokens(torch.zeros(12, 2, 4), grid=(2, 2, 3), order="FHW")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         reorder_tokens([0.0], grid=(1, 1, 1), order="FHW")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reordered_attention_equals_dense_attention_with_the_permuted_mask(backend):
+    from sparsegen.kernels import BlockSparseMask
+    from sparsegen.kernels.reference import reference_attention
+    from sparsegen.reorder import reordered_attention
+    from sparsegen.testing import assert_close_to_golden
+
+    grid, heads, d = (3, 4, 4), 3, 16
+    n = 48
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, heads, d, generator=g) for _ in range(3))
+    orders = ["FHW", "HWF", "WHF"]
+    # Per head, a block mask over the reordered tokens (16-token blocks), diagonal kept.
+    blocks = torch.rand(heads, 3, 3, generator=g) < 0.5
+    blocks |= torch.eye(3, dtype=torch.bool)
+    mask = BlockSparseMask.from_block_matrix(blocks, q_len=n, kv_len=n, q_block_size=16, kv_block_size=16)
+    out, lse = reordered_attention(q, k, v, mask, grid=grid, order=orders, return_lse=True, backend=backend)
+    # The same mask in the original token order: token i sits at position pos[h][i] of head h.
+    dense_reordered = mask.to_dense()[0]  # (H, S, S) over reordered positions
+    original = torch.stack([dense_reordered[h][order_permutation(grid, o, inverse=True)][
+        :, order_permutation(grid, o, inverse=True)] for h, o in enumerate(orders)])
+    token_mask = BlockSparseMask.from_block_matrix(original, q_len=n, kv_len=n, q_block_size=1, kv_block_size=1)
+    gold_o, gold_l = reference_attention(q, k, v, token_mask, dtype=torch.float64)
+    eager_o, _ = reference_attention(q, k, v, token_mask, dtype=torch.float32)
+    assert_close_to_golden(out, eager_o, gold_o, what=f"reordered attention ({backend})")
+    assert torch.allclose(lse.double(), gold_l, atol=1e-4)
