@@ -74,7 +74,7 @@ def reorder_tokens(x: torch.Tensor, *, grid: Sequence[int], order: Union[str, Se
             inverse=True)`` is ``x`` exactly).
 
     Returns:
-        (B, S, H, D), a new tensor (one gather per distinct order).
+        (B, S, H, D), a new tensor (one gather of (token, head) rows, whatever the orders).
 
     Raises:
         TypeError: ``x`` is not a tensor. ValueError: ``x`` is not 4-D, S != F * H * W, a
@@ -104,12 +104,26 @@ def reorder_tokens(x: torch.Tensor, *, grid: Sequence[int], order: Union[str, Se
                          "or a single string for all")
     if len(set(orders)) == 1:
         return reorder_tokens(x, grid=grid, order=orders[0], inverse=inverse)
-    out = torch.empty_like(x)
-    for o in dict.fromkeys(orders):  # distinct orders, first-seen order
-        heads = torch.tensor([i for i, oi in enumerate(orders) if oi == o], device=x.device)
-        idx = _permutation(grid, o, inverse).to(x.device)
-        out.index_copy_(2, heads, x[:, idx[:, None], heads[None, :]])
-    return out
+    b, _, h, d = x.shape
+    # One gather of (token, head) rows, in whichever of the two layouts x is stored
+    # (attention outputs are often (B, H, S, D) memory seen as (B, S, H, D)).
+    if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        rows = _per_head_rows(grid, tuple(orders), inverse, True).to(x.device)
+        return x.transpose(1, 2).reshape(b, h * n, d).index_select(1, rows).view(b, h, n, d).transpose(1, 2)
+    rows = _per_head_rows(grid, tuple(orders), inverse, False).to(x.device)
+    return x.reshape(b, n * h, d).index_select(1, rows).view(b, n, h, d)
+
+
+@lru_cache(maxsize=64)
+def _per_head_rows(grid: tuple[int, int, int], orders: tuple[str, ...], inverse: bool,
+                   heads_major: bool) -> torch.Tensor:
+    """long (S * H,): the source row of each output row; rows are ``s * H + h`` (token
+    major) or ``h * S + s`` (``heads_major``), and output (s, h) reads source (perm_h[s], h)."""
+    heads, n = len(orders), grid[0] * grid[1] * grid[2]
+    perms = torch.stack([_permutation(grid, o, inverse) for o in orders], 1)  # (S, H)
+    if heads_major:
+        return (perms.t() + torch.arange(heads)[:, None] * n).reshape(-1)
+    return (perms * heads + torch.arange(heads)).reshape(-1)
 
 
 def reordered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, grid: Sequence[int],

@@ -39,6 +39,9 @@ def test_round_trip_is_exact_per_head(grid):
     assert torch.equal(reorder_tokens(r, grid=grid, order=orders, inverse=True), x)
     for head, order in enumerate(orders):  # each head moved by its own order only
         assert torch.equal(r[:, :, head], reorder_tokens(x[:, :, head:head + 1], grid=grid, order=order)[:, :, 0])
+    # Heads-major storage (how attention outputs often come back) gives the same values.
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert (n == 1 or not xt.is_contiguous()) and torch.equal(reorder_tokens(xt, grid=grid, order=orders), r)
     same = reorder_tokens(x, grid=grid, order=["HWF"] * 7)
     assert torch.equal(same, reorder_tokens(x, grid=grid, order="HWF"))
     perm, inv = order_permutation(grid, "WFH"), order_permutation(list(grid), "WFH", inverse=True)
