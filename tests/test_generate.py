@@ -110,6 +110,21 @@ def test_built_in_model_named_preset_long():
         method_config("gna", preset="short", model_named_presets=NAMED_PRESETS)
 
 
+def test_quickstart_command_at_small_size(tmp_path):
+    """The Quickstart's flags (gna, the built-in model's "long" preset, alternating runs) on 17 frames, 2 steps."""
+    summary_path = tmp_path / "q.json"
+    assert cli.main(["generate", "--method", "gna", "--preset", "long", "--frames", "17", "--steps", "2",
+                     "--compare-dense", "--repeats", "2", "--out", str(tmp_path / "q.mp4"),
+                     "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["method"]["kernel_size"] == [3, 8, 8] and summary["method"]["dense_steps"] == 1
+    assert len(summary["seconds_runs"]) == len(summary["dense_seconds_runs"]) == 2 and summary["speedup"] > 0
+    # 5 latent frames, each attending 3 whole frames (the window shifts at the ends): 15 of 25 blocks in the
+    # sparse step; step 0 of each stage is dense.
+    assert summary["step_density"] == pytest.approx([1.0, 0.6, 1.0, 0.6])
+    assert 10 < summary["psnr_vs_dense"] < 80
+
+
 def test_generate_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_main(["--bogus", "1", "--out", str(tmp_path / "x.mp4")])
