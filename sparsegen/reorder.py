@@ -30,6 +30,7 @@ ORDERS = tuple("".join(p) for p in itertools.permutations("FHW"))
 
 
 def _check_grid(grid) -> tuple[int, int, int]:
+    """The grid as a (hashable) tuple; a list is accepted."""
     if not (isinstance(grid, (tuple, list)) and len(grid) == 3
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)):
         raise ValueError(f"grid must be (frames, height, width) of ints >= 1, got {grid!r}")
@@ -56,7 +57,7 @@ def order_permutation(grid: Sequence[int], order: str, *, inverse: bool = False)
     Raises:
         ValueError: a grid that is not three ints >= 1, an order that is not a permutation of "FHW".
     """
-    return _permutation(_check_grid(tuple(grid) if isinstance(grid, list) else grid), _check_order(order),
+    return _permutation(_check_grid(grid), _check_order(order),
                         bool(inverse)).clone()
 
 
@@ -91,7 +92,7 @@ def reorder_tokens(x: torch.Tensor, *, grid: Sequence[int], order: Union[str, Se
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x must be laid out (batch, seq, heads, head_dim); got {tuple(x.shape)=}")
-    grid = _check_grid(tuple(grid) if isinstance(grid, list) else grid)
+    grid = _check_grid(grid)
     n = grid[0] * grid[1] * grid[2]
     if x.shape[1] != n:
         raise ValueError(f"x has {x.shape[1]} tokens but grid {grid} holds {n}; pass the video tokens only "
