@@ -98,7 +98,7 @@ def reorder_tokens(x: torch.Tensor, *, grid: Sequence[int], order: Union[str, Se
         raise ValueError(f"x has {x.shape[1]} tokens but grid {grid} holds {n}; pass the video tokens only "
                          f"(split off text tokens first), {tuple(x.shape)=}")
     if isinstance(order, str):
-        return x.index_select(1, _permutation(grid, _check_order(order), inverse).to(x.device))
+        return x.index_select(1, _on_device(_permutation, grid, _check_order(order), inverse, device=str(x.device)))
     orders = [_check_order(o) for o in order]
     if len(orders) != x.shape[2]:
         raise ValueError(f"order lists {len(orders)} orders but x has {x.shape[2]} heads; give one per head "
@@ -109,10 +109,16 @@ def reorder_tokens(x: torch.Tensor, *, grid: Sequence[int], order: Union[str, Se
     # One gather of (token, head) rows, in whichever of the two layouts x is stored
     # (attention outputs are often (B, H, S, D) memory seen as (B, S, H, D)).
     if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
-        rows = _per_head_rows(grid, tuple(orders), inverse, True).to(x.device)
+        rows = _on_device(_per_head_rows, grid, tuple(orders), inverse, True, device=str(x.device))
         return x.transpose(1, 2).reshape(b, h * n, d).index_select(1, rows).view(b, h, n, d).transpose(1, 2)
-    rows = _per_head_rows(grid, tuple(orders), inverse, False).to(x.device)
+    rows = _on_device(_per_head_rows, grid, tuple(orders), inverse, False, device=str(x.device))
     return x.reshape(b, n * h, d).index_select(1, rows).view(b, n, h, d)
+
+
+@lru_cache(maxsize=256)
+def _on_device(table, *args, device: str) -> torch.Tensor:
+    """An index table built on the host, copied to ``device`` once (not on every call)."""
+    return table(*args).to(device)
 
 
 @lru_cache(maxsize=64)
