@@ -1,12 +1,13 @@
 """sparsegen.patches: diffusers adapters (which modules, what geometry). No method logic."""
 
-from .base import ModelAdapter, TextLayout
+from .base import LatentLayout, ModelAdapter, TextLayout
+from .cogvideox import COGVIDEOX
 from .hunyuan_video import HUNYUAN_VIDEO
 from .wan import WAN
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO)
+ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO, COGVIDEOX)
 
-__all__ = ["ADAPTERS", "ModelAdapter", "TextLayout", "adapter_for", "supported_models"]
+__all__ = ["ADAPTERS", "LatentLayout", "ModelAdapter", "TextLayout", "adapter_for", "supported_models"]
 
 
 def supported_models() -> list[dict]:

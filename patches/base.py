@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ModelAdapter", "TextLayout"]
+__all__ = ["LatentLayout", "ModelAdapter", "TextLayout"]
 
 
 class TextLayout(str, enum.Enum):
@@ -26,6 +26,14 @@ class TextLayout(str, enum.Enum):
 
     NONE = "none"      # video tokens only (text enters through cross-attention)
     SUFFIX = "suffix"  # [video tokens, text tokens]; padded text keys masked by the model's attn_mask
+    PREFIX = "prefix"  # [text tokens, video tokens] (CogVideoX)
+
+
+class LatentLayout(str, enum.Enum):
+    """How the transformer's latent video input is laid out."""
+
+    CHANNELS_FIRST = "BCFHW"  # (batch, channels, frames, height, width): Wan, HunyuanVideo
+    FRAMES_FIRST = "BFCHW"    # (batch, frames, channels, height, width): CogVideoX
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,8 @@ class ModelAdapter:
         patch_size: maps the transformer's config to (pt, ph, pw).
         text_layout: :class:`TextLayout` value.
         hidden_states_arg, timestep_arg: names of the transformer ``forward`` arguments
-            holding the latent video (B, C, F, H, W) and the timestep.
+            holding the latent video and the timestep.
+        latent_layout: :class:`LatentLayout` of the latent video argument.
     """
 
     name: str
@@ -55,9 +64,11 @@ class ModelAdapter:
     transformer_attributes: tuple[str, ...] = ("transformer",)
     hidden_states_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
+    latent_layout: LatentLayout = LatentLayout.CHANNELS_FIRST
 
     def __post_init__(self):
         object.__setattr__(self, "text_layout", TextLayout(self.text_layout))
+        object.__setattr__(self, "latent_layout", LatentLayout(self.latent_layout))
 
     def serves(self, transformer: torch.nn.Module) -> bool:
         names = {c.__name__ for c in type(transformer).__mro__}
@@ -68,12 +79,16 @@ class ModelAdapter:
         return [(n, m) for n, m in transformer.named_modules() if pat.fullmatch(n)]
 
     def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
-        """(frames, height, width) of the token grid after patchify, from (B, C, F, H, W) latents."""
+        """(frames, height, width) of the token grid after patchify, from 5-D latents laid out
+        as :attr:`latent_layout` says."""
         if hidden_states.dim() != 5:
             raise ValueError(
-                f"{self.name}: expected latents (batch, channels, frames, height, width), got "
+                f"{self.name}: expected 5-D latents laid out {self.latent_layout.value}, got "
                 f"{tuple(hidden_states.shape)=}"
             )
         pt, ph, pw = self.patch_size(transformer.config)
-        _, _, f, h, w = hidden_states.shape
+        if self.latent_layout == LatentLayout.FRAMES_FIRST:
+            _, f, _, h, w = hidden_states.shape
+        else:
+            _, _, f, h, w = hidden_states.shape
         return (f // pt, h // ph, w // pw)

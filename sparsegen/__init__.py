@@ -25,6 +25,10 @@ _LAZY = {
     "DenseConfig": "sparsegen.methods.dense",
     "neighborhood_attention": "sparsegen.neighborhood",
     "reorder_tokens": "sparsegen.reorder",
+    "PAROConfig": "sparsegen.methods.paro",
+    "ParoPlan": "sparsegen.methods.paro",
+    "load_plan": "sparsegen.methods.paro",
+    "calibrate": "sparsegen.calibration",
 }
 
 

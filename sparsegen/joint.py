@@ -1,6 +1,7 @@
 """Self-attention over video tokens plus optional text tokens, for any method.
 
-Joint attention (HunyuanVideo) attends over one sequence ``[video, text]``::
+Joint attention attends over one sequence ``[video, text]`` (HunyuanVideo) or
+``[text, video]`` (CogVideoX); in either order::
 
                  keys:  video (Nv)            text (Nt, padded tail masked)
     queries video   :   method's sparse mask  dense
@@ -82,17 +83,20 @@ def sparse_self_attention(
     *,
     text_tokens: int = 0,
     text_key_valid: Optional[torch.Tensor] = None,
+    text_first: bool = False,
 ) -> torch.Tensor:
     """Self-attention with the method's sparsity on video tokens and dense text.
 
     Args:
-        q, k, v: (B, Nv + Nt, H, D), video tokens first (Nv = call.geometry.num_tokens).
+        q, k, v: (B, Nv + Nt, H, D), video tokens first (Nv = call.geometry.num_tokens),
+            or text tokens first with ``text_first``.
         text_tokens: Nt (0 for video-only self-attention).
         text_key_valid: bool (B, Nt), True for text tokens that may be attended
             (None: all). Padded text *queries* still attend to every valid key, as the
             dense model does.
+        text_first: the sequence is ``[text, video]``.
     Returns:
-        out (B, Nv + Nt, H, D).
+        out (B, Nv + Nt, H, D), in the input's order.
     """
     nv = call.geometry.num_tokens
     if q.shape[1] != nv + text_tokens:
@@ -103,16 +107,19 @@ def sparse_self_attention(
     if text_tokens == 0:
         out, _ = method.attention(q, k, v, call)
         return out
-    qv, kv, vv = q[:, :nv], k[:, :nv], v[:, :nv]
+    video = slice(text_tokens, None) if text_first else slice(0, nv)
+    text = slice(0, text_tokens) if text_first else slice(nv, None)
+    qv, kv, vv = q[:, video], k[:, video], v[:, video]
     out_vv, lse_vv = method.attention(qv, kv, vv, call)
-    out_vt, lse_vt = _attend_text_keys(qv, k[:, nv:], v[:, nv:], text_key_valid)
+    out_vt, lse_vt = _attend_text_keys(qv, k[:, text], v[:, text], text_key_valid)
     out_v, _ = merge_partial_attention(out_vv, lse_vv, out_vt, lse_vt)
     # Text queries: dense over every video key and every valid text key.
     key_mask = None
     if text_key_valid is not None:
         video_ok = torch.ones(q.shape[0], nv, dtype=torch.bool, device=q.device)
-        key_mask = torch.cat([video_ok, text_key_valid], 1)[:, None, None, :]
+        parts = [text_key_valid, video_ok] if text_first else [video_ok, text_key_valid]
+        key_mask = torch.cat(parts, 1)[:, None, None, :]
     out_t = torch.nn.functional.scaled_dot_product_attention(
-        q[:, nv:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask
-    ).transpose(1, 2)
-    return torch.cat([out_v, out_t.to(q.dtype)], 1)
+        q[:, text].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask
+    ).transpose(1, 2).to(q.dtype)
+    return torch.cat([out_t, out_v] if text_first else [out_v, out_t], 1)

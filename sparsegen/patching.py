@@ -30,6 +30,7 @@ import functools
 import inspect
 import logging
 import threading
+import types
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -43,9 +44,6 @@ from .patches import ModelAdapter, TextLayout, adapter_for
 __all__ = ["apply", "SparseHandle", "make_config"]
 
 logger = logging.getLogger("sparsegen")
-
-_DISPATCH_NAME = "dispatch_attention_fn"
-
 
 @dataclass(frozen=True)
 class _Route:
@@ -68,72 +66,145 @@ class _RunningLayers(threading.local):
 _RUNNING = _RunningLayers()
 
 
-class _DispatchTrampolines:
-    """Reference-counted replacement of ``dispatch_attention_fn`` in processor modules.
+@dataclass(frozen=True)
+class _EntryPoint:
+    """A name through which attention processors reach the attention kernel.
 
-    This registry holds only the bookkeeping of the shared trampoline (which module
+    Args:
+        global_name: the name in the processor's module namespace.
+        attribute: None when ``global_name`` is the attention function itself; else the
+            function is this attribute of the module bound to ``global_name`` (``F`` ->
+            ``torch.nn.functional``), and the name is pointed at a copy of that module
+            whose attribute is the trampoline.
+        heads_first: q, k, v and the output are laid out (B, H, S, D) (SDPA) rather
+            than (B, S, H, D) (diffusers' ``dispatch_attention_fn``).
+        parameters: parameter names in positional order, when they cannot be read from
+            the function's signature (builtins); None: read them.
+    """
+
+    global_name: str
+    attribute: Optional[str] = None
+    heads_first: bool = False
+    parameters: Optional[tuple[str, ...]] = None
+
+
+# diffusers' processors for Wan, HunyuanVideo, LTX, FLUX, SkyReels-V2 ...
+_DISPATCH = _EntryPoint("dispatch_attention_fn")
+# Processors calling ``F.scaled_dot_product_attention`` directly (CogVideoX, Mochi,
+# Allegro, SD's AttnProcessor2_0): ``F`` is ``torch.nn.functional`` in their module.
+_SDPA = _EntryPoint("F", "scaled_dot_product_attention", heads_first=True,
+                    parameters=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                                "enable_gqa"))
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+class _Trampolines:
+    """Reference-counted redirection of attention entry points in processor modules.
+
+    This registry holds only the bookkeeping of the shared trampolines (which module
     namespaces are redirected and how many handles use each), never per-pipeline state.
     """
 
     _lock = threading.Lock()
-    _installed: dict[int, tuple[dict, Any, int]] = {}
+    _installed: dict[tuple[int, str], tuple[dict, Any, int]] = {}
 
     @classmethod
-    def acquire(cls, namespace: dict) -> None:
+    def acquire(cls, namespace: dict, entry: _EntryPoint) -> None:
         with cls._lock:
-            key = id(namespace)
+            key = (id(namespace), entry.global_name)
             if key in cls._installed:
                 ns, original, n = cls._installed[key]
                 cls._installed[key] = (ns, original, n + 1)
                 return
-            original = namespace[_DISPATCH_NAME]
-            namespace[_DISPATCH_NAME] = _make_trampoline(original)
+            original = namespace[entry.global_name]
+            if entry.attribute is None:
+                namespace[entry.global_name] = _make_trampoline(original, entry)
+            else:
+                namespace[entry.global_name] = _module_with_trampoline(original, entry)
             cls._installed[key] = (namespace, original, 1)
 
     @classmethod
-    def release(cls, namespace: dict) -> None:
+    def release(cls, namespace: dict, entry: _EntryPoint) -> None:
         with cls._lock:
-            key = id(namespace)
+            key = (id(namespace), entry.global_name)
             ns, original, n = cls._installed[key]
             if n > 1:
                 cls._installed[key] = (ns, original, n - 1)
             else:
-                ns[_DISPATCH_NAME] = original
+                ns[entry.global_name] = original
                 del cls._installed[key]
 
 
-def _make_trampoline(original):
+def _module_with_trampoline(module: types.ModuleType, entry: _EntryPoint) -> types.ModuleType:
+    """A copy of ``module`` (same function objects) whose ``entry.attribute`` is the trampoline.
+
+    Only the processor module's own name is redirected; ``torch.nn.functional`` itself is
+    never modified, so code elsewhere is untouched.
+    """
+    proxy = types.ModuleType(module.__name__, module.__doc__)
+    proxy.__dict__.update(module.__dict__)
+    setattr(proxy, entry.attribute, _make_trampoline(getattr(module, entry.attribute), entry))
+    proxy.__sparsegen_original__ = module
+    return proxy
+
+
+def _make_trampoline(original, entry: _EntryPoint):
     # Parameter names in order, read once: binding by hand keeps the call traceable.
-    params = inspect.signature(original).parameters
-    positional = [n for n, p in params.items()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+    if entry.parameters is not None:
+        positional, defaults = list(entry.parameters), dict(_SDPA_DEFAULTS)
+    else:
+        params = inspect.signature(original).parameters
+        positional = [n for n, p in params.items()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+    heads_first = entry.heads_first
 
     @functools.wraps(original)
-    def sparsegen_dispatch_attention(*args, **kwargs):
+    def sparsegen_attention(*args, **kwargs):
         stack = _RUNNING.stack
         if not stack or stack[-1].handle._removed:
             return original(*args, **kwargs)
         arguments = dict(defaults)
         arguments.update(zip(positional, args))
         arguments.update(kwargs)
-        return stack[-1].handle._attend(stack[-1], original, args, kwargs, arguments)
+        if heads_first:
+            for name in ("query", "key", "value"):
+                arguments[name] = arguments[name].transpose(1, 2)
+        out = stack[-1].handle._attend(stack[-1], arguments)
+        if out is None:  # this call runs the model's own attention
+            return original(*args, **kwargs)
+        return out.transpose(1, 2) if heads_first else out
 
-    sparsegen_dispatch_attention.__sparsegen_original__ = original
-    return sparsegen_dispatch_attention
+    sparsegen_attention.__sparsegen_original__ = original
+    return sparsegen_attention
 
 
-def _processor_namespace(module: torch.nn.Module, name: str) -> dict:
+def _is_functional(obj) -> bool:
+    return obj is torch.nn.functional or getattr(obj, "__sparsegen_original__", None) is torch.nn.functional
+
+
+def _processor_entry(module: torch.nn.Module, name: str) -> tuple[dict, _EntryPoint]:
+    """The namespace and entry point through which ``module``'s processor reaches attention.
+
+    Read from the names the processor's ``__call__`` uses: ``dispatch_attention_fn``, or
+    ``scaled_dot_product_attention`` as an attribute of a name bound to
+    ``torch.nn.functional`` in its module.
+    """
     proc = getattr(module, "processor", None)
     call = getattr(type(proc), "__call__", None)
     ns = getattr(call, "__globals__", None)
-    if ns is None or _DISPATCH_NAME not in ns:
-        raise ValueError(
-            f"the attention processor {type(proc).__name__} of module '{name}' does not route through "
-            f"diffusers' {_DISPATCH_NAME}, so sparsegen cannot intercept it. Restore the model's default "
-            "processors (e.g. `transformer.set_attn_processor(...)` with its stock processor class) and apply again."
-        )
-    return ns
+    used = set(getattr(getattr(call, "__code__", None), "co_names", ()))
+    if ns is not None:
+        if _DISPATCH.global_name in used and _DISPATCH.global_name in ns:
+            return ns, _DISPATCH
+        if _SDPA.attribute in used and _SDPA.global_name in used and _is_functional(ns.get(_SDPA.global_name)):
+            return ns, _SDPA
+    raise ValueError(
+        f"the attention processor {type(proc).__name__} of module '{name}' reaches attention neither through "
+        f"diffusers' {_DISPATCH.global_name} nor through F.scaled_dot_product_attention, so sparsegen cannot "
+        "intercept it. Restore the model's default processors (e.g. `transformer.set_attn_processor(...)` with its "
+        "stock processor class) and apply again."
+    )
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
@@ -177,7 +248,7 @@ class SparseHandle:
         self.config = method.config
         self._removed = False
         self._hooks: list = []
-        self._namespaces: list[dict] = []
+        self._entries: list[tuple[dict, _EntryPoint]] = []
         self._scheduler_patches: list[tuple[Any, str, Any]] = []
         self._transformers: list[torch.nn.Module] = []
         self._pipeline = None
@@ -260,10 +331,10 @@ class SparseHandle:
         self._transformers.append(transformer)
         transformer._sparsegen_handle = self
         for layer, (name, module) in enumerate(modules):
-            ns = _processor_namespace(module, name)
-            if not any(ns is n for n in self._namespaces):
-                _DispatchTrampolines.acquire(ns)
-                self._namespaces.append(ns)
+            ns, entry = _processor_entry(module, name)
+            if not any(ns is n and entry == e for n, e in self._entries):
+                _Trampolines.acquire(ns, entry)
+                self._entries.append((ns, entry))
             route = _Route(self, layer, name)
 
             def push(mod, args, route=route):
@@ -277,6 +348,7 @@ class SparseHandle:
             self._hooks.append(module.register_forward_pre_hook(push))
             self._hooks.append(module.register_forward_hook(pop, always_call=True))
         self._num_layers = len(modules)
+        self.method.check_model(model_class=type(transformer).__name__, num_layers=len(modules), transformer_index=tidx)
         # The class's signature: instance-level wrappers (e.g. offload hooks) hide it.
         sig = inspect.signature(type(transformer).forward)
         names = list(sig.parameters)[1:]  # without self
@@ -428,12 +500,18 @@ class SparseHandle:
                 for s in self.step_stats]
 
     # ---------------------------------------------------------------- attention
-    def _attend(self, route: _Route, original, args: tuple, kwargs: dict, a: dict):
+    def _attend(self, route: _Route, a: dict) -> Optional[torch.Tensor]:
+        """The sparse attention of one intercepted call, or None to run the model's own.
+
+        Args:
+            a: the call's arguments by name, with ``query``, ``key``, ``value`` laid out
+                (B, S, H, D). Returns (B, S, H, D).
+        """
         q, k, v = a["query"], a["key"], a["value"]
         cfg = self.config
         if cfg.layer_is_dense(route.layer) or self._step_is_dense:
             self._record(1.0, sparse=False)
-            return original(*args, **kwargs)
+            return None
         if a.get("dropout_p", 0.0) not in (0, 0.0) or a.get("is_causal", False):
             raise ValueError(f"sparsegen: layer '{route.module_name}' asked for dropout or causal attention, "
                              "which sparse self-attention does not serve; keep it dense with dense_layers")
@@ -452,15 +530,20 @@ class SparseHandle:
         geometry = self._geometry.get(self._current_transformer)
         if geometry is None:
             raise RuntimeError("sparsegen: attention ran before the transformer's forward hook read the token grid")
+        if a.get("enable_gqa", False) or k.shape[2] != q.shape[2]:
+            raise ValueError(f"sparsegen: layer '{route.module_name}' uses grouped-query attention ({q.shape[2]} query "
+                             f"heads, {k.shape[2]} key heads), which sparse self-attention does not serve")
         text_tokens, text_valid = 0, None
         nv = geometry.num_tokens
-        if self.adapter.text_layout == TextLayout.SUFFIX:
+        layout = self.adapter.text_layout
+        if layout in (TextLayout.SUFFIX, TextLayout.PREFIX):
             text_tokens = q.shape[1] - nv
             if text_tokens < 0:
                 raise ValueError(f"sparsegen: {q.shape[1]} tokens is fewer than the video grid's {nv}")
             mask = a.get("attn_mask")
             if mask is not None:
-                text_valid = _key_validity(mask, q.shape[0], q.shape[1])[:, nv:]
+                valid = _key_validity(mask, q.shape[0], q.shape[1])
+                text_valid = valid[:, :text_tokens] if layout == TextLayout.PREFIX else valid[:, nv:]
         elif q.shape[1] != nv:
             raise ValueError(
                 f"sparsegen: layer '{route.module_name}' attends over {q.shape[1]} tokens but the latent grid "
@@ -477,7 +560,8 @@ class SparseHandle:
             step=self.step if uses_step else None, num_steps=self.num_steps if uses_step else None,
             head_offset=0, total_heads=q.shape[2], backend=cfg.backend,
         )
-        out = sparse_self_attention(self.method, q, k, v, call, text_tokens=text_tokens, text_key_valid=text_valid)
+        out = sparse_self_attention(self.method, q, k, v, call, text_tokens=text_tokens, text_key_valid=text_valid,
+                                    text_first=layout == TextLayout.PREFIX)
         self._record(call.stats.get("density", 1.0), sparse=True)
         return out
 
@@ -490,9 +574,9 @@ class SparseHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for ns in self._namespaces:
-            _DispatchTrampolines.release(ns)
-        self._namespaces.clear()
+        for ns, entry in self._entries:
+            _Trampolines.release(ns, entry)
+        self._entries.clear()
         for sched, name, original in reversed(self._scheduler_patches):
             if original is None:
                 delattr(sched, name)

@@ -80,3 +80,44 @@ def tiny_hunyuan_inputs(seed: int = 0) -> dict:
                 encoder_hidden_states=torch.randn(1, 10, TEXT_DIM, generator=g), encoder_attention_mask=text_mask,
                 pooled_projections=torch.randn(1, 16, generator=g), guidance=torch.tensor([3500.0]),
                 return_dict=False)
+
+
+def tiny_cogvideox_transformer(seed: int = 0, *, version: str = "1.0", in_channels: int = 4) -> torch.nn.Module:
+    """CogVideoX-shaped transformer: 1.0 (spatial patches, rotary) or 1.5 (``patch_size_t=2``)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4, time_embed_dim=8,
+        text_embed_dim=TEXT_DIM, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        patch_size_t=2 if version == "1.5" else None, temporal_compression_ratio=4, max_text_seq_length=8,
+        use_rotary_positional_embeddings=True,
+    ).eval()
+
+
+def tiny_cogvideox_pipeline(seed: int = 0, *, version: str = "1.0"):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    ).eval()
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                             transformer=tiny_cogvideox_transformer(seed, version=version),
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_cogvideox(pipe, *, frames: int = 17, height: int = 128, width: int = 128, steps: int = 3,
+                  guidance: float = 1.0, seed: int = 0):
+    """Latents of a short CogVideoX generation (VAE decode skipped): 5 x 8 x 8 video tokens (1.5: 3 x 8 x 8)
+    after 8 text tokens."""
+    kwargs = dict(prompt_embeds=text_embeds(1, seed=1))
+    if guidance > 1.0:
+        kwargs["negative_prompt_embeds"] = text_embeds(1, seed=2)
+    out = pipe(num_frames=frames, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
+    return out.frames

@@ -22,6 +22,7 @@ _SHIPPED = {
     "radial": ("sparsegen.methods.radial", "RadialConfig"),
     "gna": ("sparsegen.methods.gna", "GNAConfig"),
     "vmoba": ("sparsegen.methods.vmoba", "VMoBAConfig"),
+    "paro": ("sparsegen.methods.paro", "PAROConfig"),
 }
 # Methods registered by users: name -> config class.
 _REGISTERED: dict[str, type] = {}

@@ -288,6 +288,14 @@ class SparseAttentionMethod:
         self.config = config
         self._cache: dict = {}
 
+    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int) -> None:
+        """Raise ValueError if this method cannot serve the model being patched (default: any).
+
+        Args:
+            model_class: class name of the transformer; num_layers: its patched layers;
+            transformer_index: 0, or 1 for a pipeline's second transformer (Wan 2.2).
+        """
+
     def check_geometry(self, geometry: AttentionGeometry) -> None:
         """Raise ValueError (saying what to change) if this method cannot serve ``geometry``."""
 
