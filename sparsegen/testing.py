@@ -18,7 +18,7 @@ from .methods import MethodConfig, SparseAttentionMethod
 from .methods.base import AttentionCall, AttentionGeometry
 
 __all__ = ["assert_close_to_golden", "sqnr_db", "cosine", "relative_l1", "random_sweep_size", "rounding_floor",
-           "FP32_GRADIENT_FACTOR", "CallRecorder", "RecordedCall"]
+           "FP32_GRADIENT_FACTOR", "CallRecorder", "RecordedCall", "QUANT_SQNR_FLOOR_DB"]
 
 # The floor is measured at this magnitude: attention outputs are averages of values of
 # order one, so rounding an output of size ~0.3 or more to the output dtype is the least
@@ -33,6 +33,13 @@ _FLOOR_MAGNITUDE = 0.3
 # noise, so fp32 gradient checks allow this factor; 16-bit checks and every forward
 # check keep 2. A wrong gradient is off by orders of magnitude more than either.
 FP32_GRADIENT_FACTOR = 4.0
+
+
+# Output SQNR floors (dB) of quantized attention against unquantized fp64 attention on
+# Gaussian inputs (the engine's accuracy bars). Measured (torch emulation, the quantized
+# kernel tests): int8 37.6-39.4, int8-pv8 33.0-35.9, int4 13.1-14.0, int4-pv8 13.5 (INT4 is
+# coarse by design). Floors sit 3.5-4 dB under the lowest.
+QUANT_SQNR_FLOOR_DB = {"int8": 34.0, "int4": 9.5, "int8-pv8": 29.5, "int4-pv8": 9.5}
 
 
 def rounding_floor(golden: torch.Tensor, dtype: torch.dtype) -> float:

@@ -33,7 +33,7 @@ from sparsegen.kernels import BlockSparseMask, block_sparse_attention, can_run_t
 from sparsegen.kernels.quant import LOG2E, PVFormat, quantize_qk, quantize_v, resolve_quant
 from sparsegen.kernels.reference import reference_attention
 from sparsegen.kernels.triton_attention import layout_offset
-from sparsegen.testing import assert_close_to_golden, sqnr_db
+from sparsegen.testing import QUANT_SQNR_FLOOR_DB, assert_close_to_golden, sqnr_db
 from triton_cases import block_mask as _block_mask, eager_attention as _eager, mixed_mask as _mixed_mask
 from triton_cases import qkv as _qkv, window_mask as _window_mask
 
@@ -258,10 +258,7 @@ def _quant_golden(q, k, v, mask, cfg, sm_scale):
     return reference_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd, mask, scale=1.0 / LOG2E)
 
 
-# Output SQNR floors (dB) against unquantized fp64 attention, Gaussian inputs, the cases
-# below. Measured (torch emulation): int8 37.6-39.4, int8-pv8 33.0-35.9, int4 13.1-14.0,
-# int4-pv8 13.5 (INT4 is coarse by design). Floors sit 3.5-4 dB under the lowest.
-_SQNR_FLOOR_DB = {"int8": 34.0, "int4": 9.5, "int8-pv8": 29.5, "int4-pv8": 9.5}
+_SQNR_FLOOR_DB = QUANT_SQNR_FLOOR_DB
 
 
 QUANT_CASES = [
