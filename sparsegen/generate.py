@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -287,3 +287,60 @@ def generate_video(
             summary["side_by_side"] = write_video(side, f"{root}_vs_dense{ext or '.mp4'}", fps)
             log(f"[sparsegen] wrote {summary['side_by_side']} (left: dense, right: {cfg.method})")
     return summary
+
+
+def calibrate_model(
+    *,
+    model: str = DEFAULT_MODEL,
+    prompts: Optional[Sequence[str]] = None,
+    out: str,
+    density: float = 0.5,
+    frames: Optional[int] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    steps: Optional[int] = None,
+    guidance: Optional[float] = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    log=print,
+    **calibration,
+):
+    """Calibrate a PARO plan on ``model`` (``"toy"`` or a pipeline folder / hub id) and save it.
+
+    Each prompt is generated (dense) with the model's defaults for the sizes not given;
+    ``calibration`` goes to :func:`sparsegen.calibration.calibrate_paro` (``block_size``,
+    ``order_weight``, ``reorder``, ``first_half_buckets``, ``sample_query_blocks``).
+
+    Returns:
+        the saved :class:`~sparsegen.methods.paro.ParoPlan`.
+    """
+    from .calibration import calibrate_paro
+
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    m = _Model(model, device, torch_dtype)
+    d = m.defaults
+    prompts = list(prompts) if prompts else [d["prompt"]]
+    settings = dict(negative_prompt=None, frames=frames or d["frames"], height=height or d["height"],
+                    width=width or d["width"], steps=steps or d["steps"],
+                    guidance=guidance if guidance is not None else d["guidance"], seed=seed, callback=None)
+
+    def run():
+        for p in prompts:
+            m(prompt=p, **settings)
+
+    log(f"[sparsegen] calibrating PARO on {model}: {len(prompts)} prompt(s), {settings['frames']} frames "
+        f"{settings['height']}x{settings['width']}, {settings['steps']} steps, density {density} (two dense runs)")
+    t0 = time.perf_counter()
+    plan = calibrate_paro(m.pipe, run, density=density, prompts=prompts, **calibration)
+    plan.save(out)
+    counts = {}
+    for row in plan.orders:
+        for o in row:
+            counts[o] = counts.get(o, 0) + 1
+    log(f"[sparsegen] plan for {plan.describe_geometry()}, block {plan.block_size}, "
+        f"{len(plan.buckets)} step buckets, densities {[round(x, 3) for x in plan.bucket_densities()]}")
+    log(f"[sparsegen] orders (heads): {dict(sorted(counts.items(), key=lambda kv: -kv[1]))}")
+    log(f"[sparsegen] wrote {out} in {time.perf_counter() - t0:.1f} s; use it with "
+        f"`sparsegen generate --model {model} --method paro --plan {out}`")
+    return plan

@@ -1,4 +1,4 @@
-"""``sparsegen`` command line: ``generate``, ``mask radial|gna|vmoba``, ``flops``, ``train-lora``.
+"""``sparsegen`` command line: ``generate``, ``calibrate paro``, ``mask radial|gna|vmoba``, ``flops``, ``train-lora``.
 
 Method options are flags derived from the method's config fields in one place
 (:mod:`.options`), so an option has the same name in every command and in Python
@@ -26,7 +26,7 @@ def _chosen_method(argv: Sequence[str], default: str) -> str:
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The full parser; the method-dependent flags follow ``--method`` in ``argv``."""
-    from . import flops, generate, mask, train_lora
+    from . import calibrate, flops, generate, mask, train_lora
 
     parser = argparse.ArgumentParser(prog="sparsegen", allow_abbrev=False,
                                      description="Sparse attention for diffusers pipelines")
@@ -35,6 +35,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     rest = list(argv[1:]) if argv else []
     generate.add_command(sub, _chosen_method(rest, generate.DEFAULT_METHOD) if command == "generate"
                          else generate.DEFAULT_METHOD)
+    calibrate.add_command(sub)
     mask.add_command(sub)
     flops.add_command(sub, _chosen_method(rest, flops.DEFAULT_METHOD) if command == "flops"
                       else flops.DEFAULT_METHOD)
