@@ -70,3 +70,26 @@ def test_vmoba_selection_compiles_fullgraph(selection):
         density = handle.step_densities()
     assert counter.frame_count == 1 and torch.equal(compiled, eager)
     assert len(density) == 1 and 0.0 < density[0][1] < 1.0
+
+
+def test_a_processor_calling_sdpa_directly_compiles_fullgraph():
+    """CogVideoX's processor reaches attention through ``F.scaled_dot_product_attention``;
+    the redirected ``F`` (a copy of torch.nn.functional with the trampoline) must trace."""
+    from tiny_models import run_cogvideox, tiny_cogvideox_pipeline
+
+    pipe = tiny_cogvideox_pipeline()
+    run = dict(steps=2, guidance=2.0)
+    with torch.no_grad(), sparsegen.apply(pipe, "gna", kernel_size=(3, 3, 3), block_size=32, backend="triton",
+                                          dense_steps=1) as handle:
+        eager = run_cogvideox(pipe, **run)
+        eager_densities = handle.step_densities()
+        counter = CompileCounterWithBackend("aot_eager")
+        transformer = pipe.transformer
+        pipe.transformer = torch.compile(transformer, backend=counter, fullgraph=True, dynamic=False)
+        try:
+            compiled = run_cogvideox(pipe, **run)
+        finally:
+            pipe.transformer = transformer
+        assert handle.step_densities() == eager_densities
+    assert torch.equal(compiled, eager)
+    assert counter.frame_count == 2, counter.frame_count
