@@ -29,6 +29,8 @@ _LAZY = {
     "ParoPlan": "sparsegen.methods.paro",
     "load_plan": "sparsegen.methods.paro",
     "calibrate": "sparsegen.calibration",
+    "AgentConfig": "sparsegen.methods.agent",
+    "agent_attention": "sparsegen.agent",
 }
 
 

@@ -36,8 +36,8 @@ bucket); group the first half's steps with ``first_half_buckets`` to hold fewer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
@@ -49,7 +49,7 @@ from .methods.base import AttentionCall, AttentionGeometry, MethodConfig, Sparse
 from .methods.paro import ParoPlan
 from .reorder import ORDERS, order_permutation
 
-__all__ = ["calibrate", "calibrate_paro", "choose_orders", "select_block_masks", "step_buckets",
+__all__ = ["calibrate", "calibrate_paro", "calibrate_agent_layers", "choose_orders", "select_block_masks", "step_buckets",
            "SMALL_VALUE", "SPARSE_BLOCK_SHARE"]
 
 logger = logging.getLogger("sparsegen")
@@ -321,38 +321,39 @@ def calibrate_paro(pipe, run: Callable[[], Any], *, density: float = 0.5, block_
                     order_weight=float(order_weight), metrics=metrics)
 
 
-def calibrate(pipe, method: str = "paro", *, density: float = 0.5, block_size: int = 64, order_weight: float = 0.5,
-              reorder: bool = True, first_half_buckets: Optional[int] = None, sample_query_blocks: int = 16,
-              **call_kwargs) -> ParoPlan:
-    """Calibrate a method's plan on a pipeline (today: ``"paro"``).
+_PARO_OPTIONS = ("density", "block_size", "order_weight", "reorder", "first_half_buckets", "sample_query_blocks")
 
-    Runs the dense pipeline twice with ``call_kwargs`` (orders, then masks; see the
-    module docstring) and returns the plan; ``plan.save(dir)`` writes it,
-    ``sparsegen.load_plan(dir)`` reads it back, ``sparsegen.apply(pipe, "paro",
-    plan=plan)`` uses it.
 
-    Args:
-        pipe: a diffusers pipeline (or bare transformer, with ``run`` through
-            :func:`calibrate_paro`) that sparsegen has an adapter for.
-        method: ``"paro"``.
-        density: target share of visited blocks of every step bucket (0 < density <= 1).
-        block_size: query and key block size of the masks (64, as published).
-        order_weight: weight of sparsity against uniformity when choosing orders.
-        reorder: choose per-head orders (False: every head keeps "FHW", the ablation
-            "without reordering").
-        first_half_buckets: group the first half's steps into this many buckets
-            (default: one per step).
-        sample_query_blocks: query blocks per call and order scored in the orders pass.
-        **call_kwargs: passed to ``pipe(...)`` as they are (``prompt=`` or
-            ``prompt_embeds=``, ``height=``, ``width=``, ``num_frames=``,
-            ``num_inference_steps=``, ``generator=`` ...); a list of prompts runs as one batch.
+def calibrate(pipe, method: str = "paro", **kwargs):
+    """Calibrate a method on a pipeline: a PARO plan, or the layers for agent attention.
 
-    Returns:
-        a :class:`~sparsegen.methods.paro.ParoPlan`.
+    Keyword arguments that are the calibration's own options (below) are taken out; every
+    other one goes to ``pipe(...)`` as it is (``prompt=`` or ``prompt_embeds=``,
+    ``height=``, ``width=``, ``num_frames=``, ``num_inference_steps=``, ``generator=``
+    ...; a list of prompts runs as one batch).
+
+    ``"paro"`` runs the dense pipeline twice (orders, then masks; see the module
+    docstring) and returns a :class:`~sparsegen.methods.paro.ParoPlan`
+    (``plan.save(dir)``, ``sparsegen.load_plan(dir)``, ``sparsegen.apply(pipe, "paro",
+    plan=plan)``). Options:
+
+    * ``density``: target share of visited blocks of every step bucket (0 < density <= 1; 0.5);
+    * ``block_size``: query and key block size of the masks (64, as published);
+    * ``order_weight``: weight of sparsity against uniformity when choosing orders (0.5);
+    * ``reorder``: choose per-head orders (False: every head keeps "FHW", the ablation);
+    * ``first_half_buckets``: group the first half's steps into this many buckets
+      (default: one per step);
+    * ``sample_query_blocks``: query blocks per call and order scored in the orders pass (16).
+
+    ``"agent"`` runs the dense pipeline once and returns an
+    :class:`~sparsegen.methods.agent.AgentConfig` whose ``layers`` are those whose agent
+    output stays within ``max_rel_error`` (0.1) of exact attention; the other
+    AgentConfig fields (``agent_cell``, ``agent_steps``, ...) are options too
+    (:func:`calibrate_agent_layers`).
 
     Raises:
         ValueError: an unknown method, bad options, a pipeline sparsegen does not serve,
-            or calls at two token grids.
+            or (PARO) calls at two token grids.
 
     Example::
 
@@ -360,13 +361,108 @@ def calibrate(pipe, method: str = "paro", *, density: float = 0.5, block_size: i
                                    num_inference_steps=50)
         plan.save("plans/cogvideox-49f")
         sparsegen.apply(pipe, "paro", plan="plans/cogvideox-49f", quant="int8")
+
+        config = sparsegen.calibrate(pipe, "agent", max_rel_error=0.1, prompt="a cat", num_frames=49)
+        sparsegen.apply(pipe, config)
     """
-    if method != "paro":
-        raise ValueError(f"calibrate knows the method 'paro' only (got {method!r}); the other methods need no "
-                         "calibration")
+    if method not in ("paro", "agent"):
+        raise ValueError(f"calibrate knows the methods 'paro' and 'agent' (got {method!r}); the other methods need "
+                         "no calibration")
     if not callable(pipe) or isinstance(pipe, torch.nn.Module):
         raise TypeError("calibrate(pipe, ...) calls the pipeline; for a bare transformer use "
-                        "sparsegen.calibration.calibrate_paro(transformer, run=...) with your own run function")
-    return calibrate_paro(pipe, lambda: pipe(**call_kwargs), density=density, block_size=block_size,
-                          order_weight=order_weight, reorder=reorder, first_half_buckets=first_half_buckets,
-                          sample_query_blocks=sample_query_blocks, prompts=_prompts_of(call_kwargs))
+                        "sparsegen.calibration.calibrate_paro / calibrate_agent_layers with your own run function")
+    if method == "paro":
+        own = {k: kwargs.pop(k) for k in _PARO_OPTIONS if k in kwargs}
+        return calibrate_paro(pipe, lambda: pipe(**kwargs), prompts=_prompts_of(kwargs), **own)
+    from .methods.agent import AgentConfig
+
+    names = {f.name for f in dataclasses.fields(AgentConfig)} - {"layers", "layer_errors", "version"}
+    own = {k: kwargs.pop(k) for k in [*names, "max_rel_error"] if k in kwargs}
+    return calibrate_agent_layers(pipe, lambda: pipe(**kwargs), **own)
+
+
+class _AgentErrorRecorder(SparseAttentionMethod):
+    """Returns exact attention and records, per layer, the relative L1 error of agent
+    attention on the same q, k, v (video queries; text keys included)."""
+
+    config_cls = _RecorderConfig
+    attends_text = True
+
+    def __init__(self, agent_config):
+        super().__init__(_RecorderConfig())
+        self.agent = agent_config.make_method()
+        self.sums: dict[int, list] = {}  # layer -> [sum |agent - exact|, sum |exact|] (device)
+        self.num_layers = 0
+
+    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int) -> None:
+        self.num_layers = max(self.num_layers, num_layers)
+
+    def check_geometry(self, geometry: AttentionGeometry) -> None:
+        self.agent.check_geometry(geometry)
+
+    def attention(self, q, k, v, call: AttentionCall, *, text=None):
+        from .joint import _attend_text_keys, merge_partial_attention
+
+        n = q.shape[1]
+        full = BlockSparseMask.full(q_len=n, kv_len=n, q_block_size=64, kv_block_size=64).to(q.device)
+        exact, lse = block_sparse_attention(q, k, v, full, return_lse=True, backend="torch")
+        if text is not None:
+            out_t, lse_t = _attend_text_keys(q, *text)
+            exact, _ = merge_partial_attention(exact, lse, out_t, lse_t)
+        with torch.no_grad():
+            approx, _ = self.agent.attention(q, k, v, AttentionCall(geometry=call.geometry, backend="torch"), text=text)
+            entry = self.sums.setdefault(call.layer, [torch.zeros((), device=q.device),
+                                                      torch.zeros((), device=q.device)])
+            entry[0] += (approx.float() - exact.float()).abs().sum()
+            entry[1] += exact.float().abs().sum()
+        return exact, None
+
+
+def calibrate_agent_layers(pipe, run: Callable[[], Any], *, max_rel_error: float = 0.1, **agent_options):
+    """An :class:`~sparsegen.methods.agent.AgentConfig` whose ``layers`` are those where agent
+    attention stays within ``max_rel_error`` of exact attention.
+
+    Runs the dense pipeline once (``run()``); in the steps where agents would run (the
+    config's ``agent_steps`` and schedule), every patched layer's agent output is compared
+    with exact attention on the same q, k, v: relative L1 error ``sum|agent - exact| /
+    sum|exact|`` over that layer's calls.
+
+    Args:
+        max_rel_error: a layer uses agents only if its error is at most this.
+        **agent_options: the other fields of the returned AgentConfig.
+    """
+    from .methods.agent import AgentConfig
+    from .patching import apply
+
+    if isinstance(max_rel_error, bool) or not isinstance(max_rel_error, (int, float)) or max_rel_error <= 0:
+        raise ValueError(f"max_rel_error must be a number > 0, got {max_rel_error=!r}")
+    probe = AgentConfig(**agent_options)
+    rec = _AgentErrorRecorder(probe)
+    schedule = {f: getattr(probe, f) for f in ("dense_steps", "dense_last_steps", "dense_layers")}
+    rec.config = _ScheduledRecorderConfig(agent=probe, **schedule)
+    with apply(pipe, rec):
+        run()
+    if not rec.sums:
+        raise RuntimeError("calibration saw no attention call in the steps that would use agents; did the pipeline "
+                           "run (with enough steps for agent_steps)?")
+    errors = []
+    for layer in range(rec.num_layers):
+        e = rec.sums.get(layer)
+        errors.append(float(e[0] / e[1].clamp_min(1e-30)) if e is not None else float("inf"))
+    layers = tuple(i for i, e in enumerate(errors) if e <= max_rel_error)
+    for i, e in enumerate(errors):
+        logger.info("agent layer %d: relative error %.4f (%s)", i, e, "agents" if i in layers else "exact")
+    return AgentConfig(**{**agent_options, "layers": layers, "layer_errors": tuple(errors)})
+
+
+@dataclass(frozen=True)
+class _ScheduledRecorderConfig(_RecorderConfig):
+    """The recorder follows the agent config's schedule (steps and layers that would use agents)."""
+
+    agent: Any = None
+
+    def layer_is_dense(self, layer: int) -> bool:
+        return self.agent.layer_is_dense(layer)
+
+    def step_is_dense(self, step, num_steps) -> bool:
+        return self.agent.step_is_dense(step, num_steps)

@@ -110,9 +110,13 @@ def sparse_self_attention(
     video = slice(text_tokens, None) if text_first else slice(0, nv)
     text = slice(0, text_tokens) if text_first else slice(nv, None)
     qv, kv, vv = q[:, video], k[:, video], v[:, video]
-    out_vv, lse_vv = method.attention(qv, kv, vv, call)
-    out_vt, lse_vt = _attend_text_keys(qv, k[:, text], v[:, text], text_key_valid)
-    out_v, _ = merge_partial_attention(out_vv, lse_vv, out_vt, lse_vt)
+    if getattr(method, "attends_text", False):
+        # The method attends the text keys itself (agent attention: its agents gather from them).
+        out_v, _ = method.attention(qv, kv, vv, call, text=(k[:, text], v[:, text], text_key_valid))
+    else:
+        out_vv, lse_vv = method.attention(qv, kv, vv, call)
+        out_vt, lse_vt = _attend_text_keys(qv, k[:, text], v[:, text], text_key_valid)
+        out_v, _ = merge_partial_attention(out_vv, lse_vv, out_vt, lse_vt)
     # Text queries: dense over every video key and every valid text key.
     key_mask = None
     if text_key_valid is not None:

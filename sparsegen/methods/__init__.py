@@ -23,6 +23,7 @@ _SHIPPED = {
     "gna": ("sparsegen.methods.gna", "GNAConfig"),
     "vmoba": ("sparsegen.methods.vmoba", "VMoBAConfig"),
     "paro": ("sparsegen.methods.paro", "PAROConfig"),
+    "agent": ("sparsegen.methods.agent", "AgentConfig"),
 }
 # Methods registered by users: name -> config class.
 _REGISTERED: dict[str, type] = {}

@@ -274,6 +274,10 @@ class SparseAttentionMethod:
     # otherwise): a compiled model specializes on every value the call reads, so a
     # method that reads the step should read it coarsely (e.g. a step bucket).
     uses_step: ClassVar[bool] = False
+    # Whether ``attention`` takes ``text=(k_text, v_text, valid)`` and attends the text keys
+    # of joint attention itself, returning (out, None); otherwise sparsegen.joint merges
+    # the method's (out, lse) with a dense attention over the text keys.
+    attends_text: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -107,6 +107,7 @@ class ParoPlan:
 
     def __post_init__(self):
         self.grid = tuple(int(n) for n in self.grid)
+        self.masks = self.masks.cpu()  # the host copy; methods move one bucket at a time to the device
         self.orders = tuple(tuple(o) for o in self.orders)
         self.buckets = tuple((float(a), float(b)) for a, b in self.buckets)
         n = self.grid[0] * self.grid[1] * self.grid[2]
@@ -298,15 +299,25 @@ class PAROMethod(SparseAttentionMethod):
         self.plan.check_geometry(geometry.grid)
 
     def prepare(self, geometry: AttentionGeometry, device) -> None:
-        self._masks(device)
+        self._bucket_masks(0, device)
 
-    def _masks(self, device) -> list[list[tuple[BlockSparseMask, float]]]:
-        """Per bucket, per layer: (mask on ``device``, its density), built once per device."""
-        def build():
+    def _bucket_masks(self, bucket: int, device) -> list[tuple[BlockSparseMask, float]]:
+        """Per layer of one step bucket: (mask on ``device``, its density).
+
+        Only one bucket's masks are held per device (a real model's plan holds dozens of
+        buckets of L x H x Qb x Kb blocks; their index layouts together would not fit next
+        to the model). They are built from the plan's host copy when a generation enters
+        the bucket, once per bucket and generation; nothing is read back from the device.
+        """
+        key = ("bucket-masks", str(device))
+        held = self._cache.get(key)
+        if held is None or held[0] != bucket:
             plan = self.plan
-            return [[(plan.layer_mask(b, l).to(device), float(plan.masks[b, l].float().mean()))
-                     for l in range(plan.num_layers)] for b in range(len(plan.buckets))]
-        return self.cached(("masks", str(device)), build)
+            density = plan.masks[bucket].float().mean((1, 2, 3))
+            held = (bucket, [(plan.layer_mask(bucket, l).to(device), float(density[l]))
+                             for l in range(plan.num_layers)])
+            self._cache[key] = held
+        return held[1]
 
     def attention(self, q, k, v, call: AttentionCall):
         plan = self.plan
@@ -315,7 +326,7 @@ class PAROMethod(SparseAttentionMethod):
             raise ValueError(f"this PARO plan was made for {plan.describe_geometry()}; the model runs "
                              f"{call.num_layers} layers x {heads} heads: calibrate a plan on this model")
         bucket = plan.bucket_index(call.step, call.num_steps)
-        mask, density = self._masks(q.device)[bucket][call.layer]
+        mask, density = self._bucket_masks(bucket, q.device)[call.layer]
         h0, h1 = call.head_offset, call.head_offset + q.shape[2]
         if (h0, h1) != (0, plan.num_heads):
             mask = mask.select_heads(h0, h1)
