@@ -20,7 +20,10 @@ per query block, diagonal always kept), ``radial`` (``radial_block_mask``; the f
 count and decay factor are searched for the density closest to each target), ``gna``
 (``neighborhood_layout`` over a 3D grid, kernel scaled per axis by the cube root of the
 target density) and ``vmoba`` (``vmoba_mask``, spatiotemporal layer, top-k set to the
-target share of the partition blocks). The actual block density of every mask is
+target share of the partition blocks) and ``agent`` (``sparsegen.agent_attention`` with M
+agents, the queries averaged over strided groups; its "density" is its work against dense
+attention, 2M / N, so M = density x N / 2, and its ``torch`` row is the whole agent call:
+two engine calls plus the shortcut). The actual block density of every mask is
 recorded; the ideal time ratio to dense is that density.
 
 Inputs: ``torch`` and ``flex`` get q, k, v laid out (batch, seq, heads, head_dim), the
@@ -56,12 +59,13 @@ from typing import Callable, Optional
 
 import torch
 
+from sparsegen.agent import agent_attention
 from sparsegen.kernels import BlockSparseMask, block_sparse_attention
 from sparsegen.kernels.timemodel import predict_kernel_time
 
 FULL = dict(seq_lens=(4096, 16384), head_dims=(64, 128), densities=(0.1, 0.25, 0.5), repeats=5)
 QUICK = dict(seq_lens=(2048,), head_dims=(64,), densities=(0.25, 0.5), repeats=3)
-ALL_KINDS = ("random", "radial", "gna", "vmoba")
+ALL_KINDS = ("random", "radial", "gna", "vmoba", "agent")
 ALL_METHODS = ("dense_sdpa", "torch", "flex", "torch_e2e")
 MODEL_ARCHS = ("h100", "a100")
 # The performance target of the torch path: at most this many times density x dense time.
@@ -289,6 +293,9 @@ def run(args) -> list[dict]:
             del qd, kd, vd
             for kind in args.kinds:
                 for density in args.densities:
+                    if kind == "agent":
+                        _run_agent(q, k, v, density, shape, (dense_s, dense_cpu), args, emit)
+                        continue
                     if kind == "random":
                         case = random_case(seq_len, h, args.block_size, density, gen)
                     elif kind == "radial":
@@ -348,6 +355,38 @@ def _run_uncompiled(case: Case, q, k, v, shape, dense, args, emit) -> None:
     if "torch_e2e" in args.methods and case.end_to_end is not None:
         timing, _ = time_calls(lambda: case.end_to_end(q, k, v), args.repeats, args.warmup)
         row("torch_e2e", "torch", timing)
+
+
+def _run_agent(q, k, v, density, shape, dense, args, emit) -> None:
+    """Agent attention with M = density * N / 2 agents (strided query means), torch backend."""
+    n = q.shape[1]
+    m = max(1, round(density * n / 2))
+    stride = n // m
+    agents = q[:, : m * stride].reshape(q.shape[0], m, stride, *q.shape[2:]).mean(2)
+    # GPU model: the two full attentions' times add up; the dense reference is the N x N kernel's.
+    parts = [_model_columns(BlockSparseMask.full(q_len=a, kv_len=b, q_block_size=64, kv_block_size=64), args.batch,
+                            shape["heads"], shape["head_dim"]) for a, b in ((m, n), (n, m))]
+    full = _model_columns(BlockSparseMask.full(q_len=n, kv_len=n, q_block_size=args.block_size,
+                                               kv_block_size=args.block_size), args.batch, shape["heads"],
+                          shape["head_dim"])
+    model = {}
+    for arch in MODEL_ARCHS:
+        t = sum(p[f"model_{arch}_bf16_seconds"] for p in parts)
+        d = full[f"model_{arch}_bf16_dense_seconds"]
+        model.update({f"model_{arch}_bf16_seconds": t, f"model_{arch}_bf16_dense_seconds": d,
+                      f"model_{arch}_bf16_speedup": d / t})
+    timing, _ = time_calls(lambda: agent_attention(q, k, v, agents, backend="torch"), args.repeats, args.warmup)
+    dense_s, dense_cpu = dense
+    med, cpu = statistics.median(timing.wall), statistics.median(timing.cpu)
+    work = 2 * m / n
+    target = TARGET_FACTOR * work
+    emit(dict(method="torch", backend="torch", mask_kind="agent", mask_params=f"agents={m}", kernel_seq_len=n,
+              target_density=density, density=work, token_density=work, repeats=args.repeats,
+              dense_seconds=dense_s, dense_cpu_seconds=dense_cpu, ideal_ratio=work, seconds=med,
+              seconds_min=min(timing.wall), seconds_max=max(timing.wall), first_call_seconds=timing.first,
+              ratio_to_dense=med / dense_s, target_ratio=target, meets_target=med / dense_s <= target,
+              speedup_vs_dense=dense_s / med, cpu_seconds=cpu, cpu_ratio_to_dense=cpu / dense_cpu,
+              meets_target_cpu=cpu / dense_cpu <= target, max_abs_diff_vs_torch=None, **shape, **model))
 
 
 def _run_flex(case: Case, q, k, v, shape, dense, args, emit) -> None:
