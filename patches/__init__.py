@@ -2,10 +2,11 @@
 
 from .base import LatentLayout, ModelAdapter, TextLayout
 from .cogvideox import COGVIDEOX
+from .flux import FLUX
 from .hunyuan_video import HUNYUAN_VIDEO
 from .wan import WAN
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO, COGVIDEOX)
+ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO, COGVIDEOX, FLUX)
 
 __all__ = ["ADAPTERS", "LatentLayout", "ModelAdapter", "TextLayout", "adapter_for", "supported_models"]
 

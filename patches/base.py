@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -53,6 +53,11 @@ class ModelAdapter:
         hidden_states_arg, timestep_arg: names of the transformer ``forward`` arguments
             holding the latent video and the timestep.
         latent_layout: :class:`LatentLayout` of the latent video argument.
+        grid_reader: for models whose latents arrive already flattened to a token
+            sequence (FLUX), ``grid_reader(transformer, arguments, cache) -> (F, H, W)``
+            reads the grid from the forward's arguments (by name); ``cache`` is a dict the
+            handle keeps, so a reader that must look at device values (position ids) does
+            it once per distinct input rather than on every call.
     """
 
     name: str
@@ -65,6 +70,7 @@ class ModelAdapter:
     hidden_states_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
     latent_layout: LatentLayout = LatentLayout.CHANNELS_FIRST
+    grid_reader: Optional[Callable[[torch.nn.Module, dict, dict], tuple[int, int, int]]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "text_layout", TextLayout(self.text_layout))
@@ -77,6 +83,15 @@ class ModelAdapter:
     def attention_modules(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         pat = re.compile(self.self_attention_pattern)
         return [(n, m) for n, m in transformer.named_modules() if pat.fullmatch(n)]
+
+    def read_grid(self, transformer: torch.nn.Module, arguments: dict, cache: dict) -> tuple[int, int, int]:
+        """(frames, height, width) of the token grid of one forward call, from its arguments by name."""
+        if self.grid_reader is not None:
+            return self.grid_reader(transformer, arguments, cache)
+        hs = arguments.get(self.hidden_states_arg)
+        if hs is None:
+            raise ValueError(f"sparsegen: {type(transformer).__name__}.forward got no '{self.hidden_states_arg}'")
+        return self.token_grid(transformer, hs)
 
     def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
         """(frames, height, width) of the token grid after patchify, from 5-D latents laid out

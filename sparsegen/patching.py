@@ -260,6 +260,7 @@ class SparseHandle:
         self._steps_given = False
         self._last_timestep: Optional[float] = None
         self._geometry: dict[int, AttentionGeometry] = {}
+        self._grid_cache: dict = {}  # adapters that read the grid from position ids keep it here
         self._current_transformer = 0
         self._prepared: set = set()
         self._finished_steps: list[dict] = []
@@ -356,10 +357,8 @@ class SparseHandle:
         def read_inputs(mod, args, kwargs, adapter=adapter, names=names, tidx=tidx):
             arguments = dict(zip(names, args))
             arguments.update(kwargs)
+            f, h, w = adapter.read_grid(mod, arguments, self._grid_cache)
             hs = arguments.get(adapter.hidden_states_arg)
-            if hs is None:
-                raise ValueError(f"sparsegen: {type(mod).__name__}.forward got no '{adapter.hidden_states_arg}'")
-            f, h, w = adapter.token_grid(mod, hs)
             self._current_transformer = tidx
             self._prepare(tidx, f, h, w, str(hs.device))
             if not (self._counts_scheduler_steps or self._steps_given):

@@ -121,3 +121,31 @@ def run_cogvideox(pipe, *, frames: int = 17, height: int = 128, width: int = 128
     out = pipe(num_frames=frames, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs)
     return out.frames
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """FLUX-shaped pipeline: 128 x 128 pixels -> 8 x 8 packed image tokens after 8 text tokens."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.0,
+                        scaling_factor=1.0).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_flux(pipe, *, height: int = 128, width: int = 128, steps: int = 3, seed: int = 0):
+    """Packed latents of a short FLUX generation (VAE decode skipped)."""
+    g = torch.Generator().manual_seed(1)
+    out = pipe(prompt_embeds=torch.randn(1, 8, TEXT_DIM, generator=g), pooled_prompt_embeds=torch.randn(1, 16, generator=g),
+               height=height, width=width, num_inference_steps=steps, guidance_scale=3.5,
+               generator=torch.Generator().manual_seed(seed), output_type="latent")
+    return out.images

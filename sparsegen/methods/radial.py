@@ -54,6 +54,7 @@ no key block at all; :func:`radial_block_mask` refuses it and suggests a block s
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -514,7 +515,14 @@ class RadialMethod(SparseAttentionMethod):
         self._mask(geometry, device)
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:
-        """Raise ValueError when a query block would visit no key block (tiny frames)."""
+        """Raise ValueError when a query block would visit no key block (tiny frames).
+
+        One frame (an image) is served, as the dense attention radial's rule gives it
+        (a warning says so: the decay is over frames, so nothing is saved)."""
+        if geometry.frames == 1:
+            logging.getLogger("sparsegen").warning(
+                "radial attention on a single frame %s is dense attention (its band decays over frames): nothing is "
+                "saved; use 'gna' for images", geometry.grid)
         bs = self.config.block_size
         bad = unservable_query_block(frames=geometry.frames, tokens_per_frame=geometry.tokens_per_frame, block_size=bs)
         if bad is not None:
