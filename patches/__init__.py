@@ -4,9 +4,10 @@ from .base import LatentLayout, ModelAdapter, TextLayout
 from .cogvideox import COGVIDEOX
 from .flux import FLUX
 from .hunyuan_video import HUNYUAN_VIDEO
+from .stable_diffusion import STABLE_DIFFUSION
 from .wan import WAN
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO, COGVIDEOX, FLUX)
+ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO, COGVIDEOX, FLUX, STABLE_DIFFUSION)
 
 __all__ = ["ADAPTERS", "LatentLayout", "ModelAdapter", "TextLayout", "adapter_for", "supported_models"]
 

@@ -34,6 +34,7 @@ class LatentLayout(str, enum.Enum):
 
     CHANNELS_FIRST = "BCFHW"  # (batch, channels, frames, height, width): Wan, HunyuanVideo
     FRAMES_FIRST = "BFCHW"    # (batch, frames, channels, height, width): CogVideoX
+    IMAGE = "BCHW"            # (batch, channels, height, width): UNets (Stable Diffusion)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class ModelAdapter:
             reads the grid from the forward's arguments (by name); ``cache`` is a dict the
             handle keeps, so a reader that must look at device values (position ids) does
             it once per distinct input rather than on every call.
+        levels: for UNets, ``levels(unet) -> [downsample factors]`` of the resolution
+            levels that hold patched attention; each layer's grid is the latent grid
+            divided by its level's factor (found from its token count).
     """
 
     name: str
@@ -71,6 +75,7 @@ class ModelAdapter:
     timestep_arg: str = "timestep"
     latent_layout: LatentLayout = LatentLayout.CHANNELS_FIRST
     grid_reader: Optional[Callable[[torch.nn.Module, dict, dict], tuple[int, int, int]]] = None
+    levels: Optional[Callable[[torch.nn.Module], list[int]]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "text_layout", TextLayout(self.text_layout))
@@ -96,12 +101,15 @@ class ModelAdapter:
     def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
         """(frames, height, width) of the token grid after patchify, from 5-D latents laid out
         as :attr:`latent_layout` says."""
-        if hidden_states.dim() != 5:
+        if hidden_states.dim() != (4 if self.latent_layout == LatentLayout.IMAGE else 5):
             raise ValueError(
-                f"{self.name}: expected 5-D latents laid out {self.latent_layout.value}, got "
+                f"{self.name}: expected latents laid out {self.latent_layout.value}, got "
                 f"{tuple(hidden_states.shape)=}"
             )
         pt, ph, pw = self.patch_size(transformer.config)
+        if self.latent_layout == LatentLayout.IMAGE:
+            _, _, h, w = hidden_states.shape
+            return (1, h // ph, w // pw)
         if self.latent_layout == LatentLayout.FRAMES_FIRST:
             _, f, _, h, w = hidden_states.shape
         else:

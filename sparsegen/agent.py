@@ -34,7 +34,8 @@ import torch
 
 from .kernels import BlockSparseMask, block_sparse_attention
 
-__all__ = ["agent_attention", "pool_agents", "pooled_agent_count", "bipartite_merge", "TokenMerge",
+__all__ = ["agent_attention", "pool_agents", "pooled_agent_count", "bipartite_merge", "destination_partition",
+           "TokenMerge",
            "DEFAULT_K_SCALE2", "DEFAULT_K_SHORTCUT"]
 
 DEFAULT_K_SCALE2 = 0.3
@@ -199,28 +200,11 @@ class TokenMerge:
         return out
 
 
-def bipartite_merge(metric: torch.Tensor, *, height: int, width: int, sx: int = 2, sy: int = 2, ratio: float = 0.5,
-                    agent_ratio: float = 0.8, generator: Optional[torch.Generator] = None) -> TokenMerge:
-    """ToMe's bipartite soft matching over a ``height x width`` token grid (AgentSD's agents).
-
-    Args:
-        metric: (B, N, C) features compared by cosine similarity, N = height * width row-major.
-        sx, sy: destination windows; one destination per full ``sy x sx`` window (rows
-            and columns past the last full window are sources).
-        ratio: share of N merged away for the attention tokens (r = int(N * ratio)).
-        agent_ratio: share of N merged away for the agents (agent_r = int(N * agent_ratio)).
-        generator: None for the top-left token of each window (deterministic), or a
-            seeded generator for a random one per window.
-
-    Returns:
-        a :class:`TokenMerge` (``merge``, ``agents``, ``unmerge`` and the counts).
-    """
-    b, n, _ = metric.shape
-    if n != height * width:
-        raise ValueError(f"metric has {n} tokens but the grid {height} x {width} holds {height * width}")
-    if min(sx, sy) < 1 or not (0 <= ratio < 1) or not (0 <= agent_ratio < 1):
-        raise ValueError(f"need sx, sy >= 1 and ratios in [0, 1); got {sx=}, {sy=}, {ratio=}, {agent_ratio=}")
-    dev = metric.device
+def destination_partition(height: int, width: int, sx: int, sy: int, generator: Optional[torch.Generator] = None,
+                          device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(source positions (1, Ns), destination positions (1, Nd)) of a ``height x width`` grid:
+    one destination per full ``sy x sx`` window (its top-left token, or a random one drawn
+    from ``generator``), every other token a source."""
     hs, ws = height // sy, width // sx
     if generator is None:
         pick = torch.zeros(hs, ws, dtype=torch.long)
@@ -231,8 +215,36 @@ def bipartite_merge(metric: torch.Tensor, *, height: int, width: int, sx: int = 
     cols = torch.arange(ws)[None, :] * sx + pick % sx
     is_dst[rows, cols] = True
     flat = is_dst.reshape(-1)
-    dst_idx = flat.nonzero()[:, 0][None].to(dev)
-    src_idx = (~flat).nonzero()[:, 0][None].to(dev)
+    return (~flat).nonzero()[:, 0][None].to(device), flat.nonzero()[:, 0][None].to(device)
+
+
+def bipartite_merge(metric: torch.Tensor, *, height: int, width: int, sx: int = 2, sy: int = 2, ratio: float = 0.5,
+                    agent_ratio: float = 0.8, generator: Optional[torch.Generator] = None,
+                    partition: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> TokenMerge:
+    """ToMe's bipartite soft matching over a ``height x width`` token grid (AgentSD's agents).
+
+    Args:
+        metric: (B, N, C) features compared by cosine similarity, N = height * width row-major.
+        sx, sy: destination windows; one destination per full ``sy x sx`` window (rows
+            and columns past the last full window are sources).
+        ratio: share of N merged away for the attention tokens (r = int(N * ratio)).
+        agent_ratio: share of N merged away for the agents (agent_r = int(N * agent_ratio)).
+        generator: None for the top-left token of each window (deterministic), or a
+            seeded generator for a random one per window.
+        partition: the sources and destinations from :func:`destination_partition`
+            (computed here when None; pass it to reuse one across calls).
+
+    Returns:
+        a :class:`TokenMerge` (``merge``, ``agents``, ``unmerge`` and the counts).
+    """
+    b, n, _ = metric.shape
+    if n != height * width:
+        raise ValueError(f"metric has {n} tokens but the grid {height} x {width} holds {height * width}")
+    if min(sx, sy) < 1 or not (0 <= ratio < 1) or not (0 <= agent_ratio < 1):
+        raise ValueError(f"need sx, sy >= 1 and ratios in [0, 1); got {sx=}, {sy=}, {ratio=}, {agent_ratio=}")
+    if partition is None:
+        partition = destination_partition(height, width, sx, sy, generator, metric.device)
+    src_idx, dst_idx = partition
     ns = src_idx.shape[1]
     with torch.no_grad():
         unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)

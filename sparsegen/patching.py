@@ -261,6 +261,8 @@ class SparseHandle:
         self._last_timestep: Optional[float] = None
         self._geometry: dict[int, AttentionGeometry] = {}
         self._grid_cache: dict = {}  # adapters that read the grid from position ids keep it here
+        self._levels: dict[int, dict] = {}  # UNets: per transformer, token count -> (geometry, downsample, rank)
+        self._levels_key: dict[int, tuple] = {}
         self._current_transformer = 0
         self._prepared: set = set()
         self._finished_steps: list[dict] = []
@@ -279,7 +281,7 @@ class SparseHandle:
                 )
             return [(target, adapter_for(target))]
         found, candidates = [], []
-        for attr in ("transformer", "transformer_2"):
+        for attr in ("transformer", "transformer_2", "unet"):
             t = getattr(target, attr, None)
             if t is None:
                 continue
@@ -361,6 +363,8 @@ class SparseHandle:
             hs = arguments.get(adapter.hidden_states_arg)
             self._current_transformer = tidx
             self._prepare(tidx, f, h, w, str(hs.device))
+            if adapter.levels is not None:
+                self._prepare_levels(tidx, adapter.levels(mod), h, w, str(hs.device))
             if not (self._counts_scheduler_steps or self._steps_given):
                 self._step_from_timestep(arguments.get(adapter.timestep_arg))
 
@@ -377,11 +381,28 @@ class SparseHandle:
         self._geometry[tidx] = geometry
         if self._step_totals is None or str(self._step_totals.device) != device:
             self._step_totals = torch.zeros(3, dtype=torch.float32, device=device)  # float64: not on every device
+        if self.adapter.levels is None:
+            self._prepare_geometry(geometry, device)
+        return True
+
+    def _prepare_geometry(self, geometry: AttentionGeometry, device: str) -> None:
         if (geometry, device) not in self._prepared:
             self.method.check_geometry(geometry)
             self.method.prepare(geometry, torch.device(device))
             self._prepared.add((geometry, device))
-        return True
+
+    def _prepare_levels(self, tidx: int, factors: list[int], height: int, width: int, device: str) -> None:
+        """UNets: the token grid of every attention level (downsample factor ``f``: one frame
+        of ceil(height / f) x ceil(width / f) tokens), found again by its token count."""
+        levels = {}
+        for rank, f in enumerate(sorted(factors)):
+            g = AttentionGeometry(1, -(-height // f), -(-width // f))
+            levels[g.num_tokens] = (g, f, rank)
+        if (tidx, height, width) != self._levels_key.get(tidx):
+            for g, _, _ in levels.values():
+                self._prepare_geometry(g, device)
+            self._levels[tidx] = levels
+            self._levels_key[tidx] = (tidx, height, width)
 
     def _patch_scheduler(self) -> None:
         sched = getattr(self._pipeline, "scheduler", None) if self._pipeline is not None else None
@@ -529,6 +550,13 @@ class SparseHandle:
         geometry = self._geometry.get(self._current_transformer)
         if geometry is None:
             raise RuntimeError("sparsegen: attention ran before the transformer's forward hook read the token grid")
+        downsample, level = 1, 0
+        if self.adapter.levels is not None:
+            found = self._levels.get(self._current_transformer, {}).get(q.shape[1])
+            if found is None:
+                raise ValueError(f"sparsegen: layer '{route.module_name}' attends over {q.shape[1]} tokens, which is no "
+                                 f"attention level of the latent grid {geometry.grid}")
+            geometry, downsample, level = found
         if a.get("enable_gqa", False) or k.shape[2] != q.shape[2]:
             raise ValueError(f"sparsegen: layer '{route.module_name}' uses grouped-query attention ({q.shape[2]} query "
                              f"heads, {k.shape[2]} key heads), which sparse self-attention does not serve")
@@ -557,8 +585,11 @@ class SparseHandle:
         call = AttentionCall(
             geometry=geometry, layer=route.layer, num_layers=self._num_layers,
             step=self.step if uses_step else None, num_steps=self.num_steps if uses_step else None,
-            head_offset=0, total_heads=q.shape[2], backend=cfg.backend,
+            head_offset=0, total_heads=q.shape[2], backend=cfg.backend, downsample=downsample, level=level,
         )
+        if self.method.runs_dense(call):
+            self._record(1.0, sparse=False)
+            return None
         out = sparse_self_attention(self.method, q, k, v, call, text_tokens=text_tokens, text_key_valid=text_valid,
                                     text_first=layout == TextLayout.PREFIX)
         self._record(call.stats.get("density", 1.0), sparse=True)

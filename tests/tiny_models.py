@@ -149,3 +149,53 @@ def run_flux(pipe, *, height: int = 128, width: int = 128, steps: int = 3, seed:
                height=height, width=width, num_inference_steps=steps, guidance_scale=3.5,
                generator=torch.Generator().manual_seed(seed), output_type="latent")
     return out.images
+
+
+def tiny_sd_pipeline(seed: int = 0, *, xl: bool = False):
+    """Stable Diffusion 1.5-shaped (attention at downsampling 1 and 2) or SDXL-shaped
+    (no attention at the first level: 2 and 4) pipeline; 64 x 64 pixels -> 8 x 8 latents."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+
+    torch.manual_seed(seed)
+    if xl:
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_DIM,
+            attention_head_dim=(2, 4, 4), norm_num_groups=8, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8, use_linear_projection=True,
+            transformer_layers_per_block=(1, 1, 1),
+        ).eval()
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
+            attention_head_dim=8, norm_num_groups=8,
+        ).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=2).eval()
+    if xl:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(steps_offset=1))
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                       scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_sd(pipe, *, height: int = 128, width: int = 128, steps: int = 3, seed: int = 0, xl: bool = False):
+    """Latents of a short SD / SDXL generation (16 x 16 latents at 128 x 128 pixels)."""
+    g = torch.Generator().manual_seed(1)
+    kw = dict(prompt_embeds=torch.randn(1, 8, TEXT_DIM, generator=g),
+              negative_prompt_embeds=torch.randn(1, 8, TEXT_DIM, generator=g))
+    if xl:
+        kw.update(pooled_prompt_embeds=torch.randn(1, 16, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 16, generator=g))
+    out = pipe(height=height, width=width, num_inference_steps=steps, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(seed), output_type="latent", **kw)
+    return out.images

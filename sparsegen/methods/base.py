@@ -236,6 +236,9 @@ class AttentionCall:
             gives each rank a slice of heads; per-head methods must index by it).
         total_heads: number of heads of the full layer.
         backend: kernel backend to use.
+        downsample: the resolution level's downsampling factor (UNets: 1 at the latent
+            resolution, 2, 4, ...; 1 for DiTs), and level: its rank among the model's
+            attention levels (0 = the highest resolution with attention).
         stats: a dict the method may fill for reporting: ``density`` (visited blocks /
             all blocks) as a Python float or a 0-dim device tensor, never read back to
             the host during the call.
@@ -249,6 +252,8 @@ class AttentionCall:
     head_offset: int = 0
     total_heads: Optional[int] = None
     backend: Backend = Backend.AUTO
+    downsample: int = 1
+    level: int = 0
     stats: dict = field(default_factory=dict)
 
 
@@ -302,6 +307,11 @@ class SparseAttentionMethod:
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:
         """Raise ValueError (saying what to change) if this method cannot serve ``geometry``."""
+
+    def runs_dense(self, call: "AttentionCall") -> bool:
+        """Whether this call runs the model's own attention (e.g. a UNet level the method
+        leaves alone); decided from the call's host-side fields only."""
+        return False
 
     def prepare(self, geometry: AttentionGeometry, device) -> None:
         """Build and cache what calls on ``geometry`` need (default: nothing)."""
