@@ -6,6 +6,7 @@ behind ``sparsegen generate``; its command line is :mod:`sparsegen.cli.generate`
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -62,6 +63,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+def write_image(image: np.ndarray, path: str) -> str:
+    """Write one (H, W, 3) float image in [0, 1] (or uint8) to a PNG."""
+    from PIL import Image
+
+    arr = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def write_output(frames: np.ndarray, path: str, fps: int, *, image: bool) -> str:
+    """A PNG for an image pipeline's (1, H, W, 3) output (``path``'s extension becomes .png),
+    else an mp4 of the (F, H, W, 3) frames. Returns the path written."""
+    if image:
+        root, ext = os.path.splitext(path)
+        return write_image(frames[0], path if ext.lower() == ".png" else root + ".png")
+    return write_video(frames, path, fps)
+
+
 def write_video(frames: np.ndarray, path: str, fps: int) -> str:
     """Write (F, H, W, 3) floats in [0, 1] (or uint8) to an mp4 with imageio/ffmpeg."""
     import imageio.v2 as imageio
@@ -94,6 +114,7 @@ class _Model:
                              "height": toy.DEFAULT_HEIGHT, "width": toy.DEFAULT_WIDTH,
                              "steps": toy.DEFAULT_NUM_INFERENCE_STEPS, "guidance": toy.DEFAULT_GUIDANCE_SCALE,
                              "fps": 8}
+            self.makes_images = False
             self.presets = toy.PRESETS
             self.named_presets = toy.NAMED_PRESETS
             self._toy = toy
@@ -105,8 +126,14 @@ class _Model:
             if not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") == "1":
                 raise SystemExit(f"sparsegen generate: --model {name!r} is not a local folder and the hub is offline")
             self.pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype).to(device)
-            self.defaults = {"prompt": "a cat walking through tall grass, cinematic", "frames": 33, "height": 480,
-                             "width": 832, "steps": 30, "guidance": 5.0, "fps": 16}
+            # Image pipelines (Stable Diffusion, SDXL, FLUX) take no frame count and write a PNG.
+            self.makes_images = "num_frames" not in inspect.signature(type(self.pipe).__call__).parameters
+            if self.makes_images:
+                self.defaults = {"prompt": "a cat sitting in tall grass, photograph", "frames": 1, "height": None,
+                                 "width": None, "steps": 30, "guidance": 5.0, "fps": 1}
+            else:
+                self.defaults = {"prompt": "a cat walking through tall grass, cinematic", "frames": 33, "height": 480,
+                                 "width": 832, "steps": 30, "guidance": 5.0, "fps": 16}
             self.presets = self.named_presets = {}
             self._toy = None
             self.steps_note = ""
@@ -128,9 +155,15 @@ class _Model:
         kw = dict(prompt=prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
                   guidance_scale=guidance, generator=torch.Generator(device="cpu").manual_seed(seed),
                   output_type="np", callback_on_step_end=callback)
+        if self.makes_images:
+            if frames not in (None, 1):
+                raise SystemExit(f"sparsegen generate: {type(self.pipe).__name__} makes images; drop --frames")
+            kw = {k: v for k, v in kw.items() if k != "num_frames" and v is not None}
         if negative_prompt is not None:
             kw["negative_prompt"] = negative_prompt
         out = self.pipe(**kw)
+        if self.makes_images:
+            return np.asarray(out.images[0], dtype=np.float32)[None]  # (1, H, W, 3)
         frames_out = out.frames[0] if hasattr(out, "frames") else out[0][0]
         return np.asarray(frames_out, dtype=np.float32)
 
@@ -271,7 +304,7 @@ def generate_video(
         log(f"  step {i:3d}: {sec * 1000:8.1f} ms   attention density {dtxt}")
     log(f"[sparsegen] total {sparse_total:.2f} s")
     if out:
-        write_video(sparse_frames, out, fps)
+        out = write_output(sparse_frames, out, fps, image=m.makes_images)
         summary["out"] = out
         log(f"[sparsegen] wrote {out}")
     if dense_frames is not None:
@@ -284,7 +317,8 @@ def generate_video(
         if out:
             root, ext = os.path.splitext(out)
             side = np.concatenate([dense_frames, sparse_frames], axis=2)
-            summary["side_by_side"] = write_video(side, f"{root}_vs_dense{ext or '.mp4'}", fps)
+            summary["side_by_side"] = write_output(side, f"{root}_vs_dense{ext or '.mp4'}", fps,
+                                                   image=m.makes_images)
             log(f"[sparsegen] wrote {summary['side_by_side']} (left: dense, right: {cfg.method})")
     return summary
 

@@ -93,3 +93,23 @@ def test_tome_mode_refuses_video_and_text():
 def test_stable_diffusion_is_listed():
     entry = next(m for m in sparsegen.supported_models() if m["name"] == "stable_diffusion")
     assert {"StableDiffusionPipeline", "StableDiffusionXLPipeline"} <= set(entry["pipelines"])
+
+
+def test_generate_writes_pngs_for_an_image_pipeline(tmp_path):
+    import json
+
+    from sparsegen.cli import main
+    from tiny_models import save_tiny_sd_with_text_encoder
+
+    model = save_tiny_sd_with_text_encoder(tmp_path / "sd")
+    summary = tmp_path / "summary.json"
+    rc = main(["generate", "--model", model, "--method", "agent", "--preset", "agentsd", "--sx", "2", "--sy", "2",
+               "--prompt", "a red cat", "--steps", "3", "--height", "128", "--width", "128", "--compare-dense",
+               "--out", str(tmp_path / "cat.mp4"), "--json", str(summary)])
+    assert rc == 0
+    s = json.loads(summary.read_text())
+    assert s["out"].endswith("cat.png") and s["side_by_side"].endswith("cat_vs_dense.png")
+    from PIL import Image
+
+    assert Image.open(s["out"]).size == (128, 128) and Image.open(s["side_by_side"]).size == (256, 128)
+    assert 0 < s["step_density"][0] < 1 and s["psnr_vs_dense"] > 0

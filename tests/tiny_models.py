@@ -199,3 +199,26 @@ def run_sd(pipe, *, height: int = 128, width: int = 128, steps: int = 3, seed: i
     out = pipe(height=height, width=width, num_inference_steps=steps, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(seed), output_type="latent", **kw)
     return out.images
+
+
+def save_tiny_sd_with_text_encoder(directory) -> str:
+    """A tiny Stable Diffusion pipeline with a tiny CLIP text encoder and a word-level
+    tokenizer (built offline), saved with ``save_pretrained`` so ``DiffusionPipeline.
+    from_pretrained(directory)`` and ``sparsegen generate --model directory`` load it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    words = "a cat red blue green circle dog grass sitting in tall photograph".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        model_max_length=8)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=8, projection_dim=TEXT_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=0)).eval()
+    pipe = tiny_sd_pipeline()
+    pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.save_pretrained(directory)
+    return str(directory)
