@@ -18,7 +18,6 @@ Writes ``<out>/agent_quality.json`` and the page ``evals/results/agent.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -32,6 +31,7 @@ from sparsegen.calibration import calibrate_agent_layers
 from sparsegen.toy import pipeline as toy
 from sparsegen.toy.data import evaluation_specs
 from toylab.metrics import measure_video, prompt_following, psnr, ssim
+from toylab.report import save_result
 
 REPO = Path(__file__).resolve().parent.parent
 CELLS = ((1, 2, 2), (1, 4, 4), (1, 8, 8))
@@ -93,11 +93,7 @@ def main(argv=None) -> int:
               "prompts": prompts, "calibration_prompt": calib.prompt, "steps": steps, "dense_following": dense_follow,
               "layer_errors": layer_errors, "max_rel_error": MAX_REL_ERROR, "rows": rows,
               "seconds_total": time.perf_counter() - tic, "torch": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "agent_quality.json").write_text(json.dumps(result, indent=1))
-    if str(args.results) != "-":
-        write_markdown(result, args.results)
-        print(f"wrote {args.results}")
+    save_result(result, args.out, "agent_quality", args.results, write_markdown)
     return 0
 
 

@@ -19,7 +19,6 @@ Writes ``<out>/paro_quality.json`` and the page ``evals/results/paro.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from sparsegen.calibration import calibrate_paro
 from sparsegen.toy import pipeline as toy
 from sparsegen.toy.data import evaluation_specs
 from toylab.metrics import measure_video, prompt_following, psnr, ssim
+from toylab.report import save_result
 
 REPO = Path(__file__).resolve().parent.parent
 # (block size, reorder, density) of the calibrated plans; quantized runs use the first plan.
@@ -127,11 +127,7 @@ def main(argv=None) -> int:
               "seed": args.seed, "geometry": list(plans[first].grid), "dense_seconds": dense_seconds,
               "dense_following": dense_follow, "rows": rows, "torch": torch.__version__,
               "seconds_total": time.perf_counter() - tic}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "paro_quality.json").write_text(json.dumps(result, indent=1))
-    if str(args.results) != "-":
-        write_markdown(result, args.results)
-        print(f"wrote {args.results}")
+    save_result(result, args.out, "paro_quality", args.results, write_markdown)
     return 0
 
 

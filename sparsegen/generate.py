@@ -168,6 +168,11 @@ class _Model:
         return np.asarray(frames_out, dtype=np.float32)
 
 
+def _torch_dtype(dtype: Optional[str], device: str) -> torch.dtype:
+    """The named dtype, or bfloat16 on CUDA and float32 elsewhere."""
+    return getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+
 def _timed_run(model: _Model, settings: dict, handle=None) -> tuple[np.ndarray, list[float], float, list]:
     """(frames, seconds of each denoising step, total seconds, attention density of each
     step or None). Steps are counted as the pipeline calls back, so a sampler that runs
@@ -236,7 +241,7 @@ def generate_video(
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     import sparsegen
 
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    torch_dtype = _torch_dtype(dtype, device)
     m = _Model(model, device, torch_dtype)
     d = m.defaults
     recipe = None
@@ -351,7 +356,7 @@ def calibrate_model(
     """
     from .calibration import calibrate_paro
 
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    torch_dtype = _torch_dtype(dtype, device)
     m = _Model(model, device, torch_dtype)
     d = m.defaults
     prompts = list(prompts) if prompts else [d["prompt"]]

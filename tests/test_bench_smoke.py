@@ -46,7 +46,7 @@ def test_writes_csv_with_schema(tiny_run):
         methods_by_kind.setdefault(r["mask_kind"], set()).add(r["method"])
     assert methods_by_kind == {
         "dense": {"dense_sdpa"}, "random": {"torch"}, "radial": {"torch"},
-        "gna": {"torch", "torch_e2e"}, "vmoba": {"torch", "torch_e2e"},
+        "gna": {"torch", "torch_e2e"}, "vmoba": {"torch", "torch_e2e"}, "agent": {"torch"},
     }
     dense = [r for r in rows if r["method"] == "dense_sdpa"]
     assert len(dense) == 1 and float(dense[0]["model_h100_bf16_speedup"]) == 1.0

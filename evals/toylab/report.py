@@ -22,3 +22,16 @@ def jsonable(x):
 def command_block(command: str) -> list[str]:
     """Markdown lines saying which command produced a page (then a blank line)."""
     return ["Produced by:", "", "```", command, "```", ""]
+
+
+def save_result(result: dict, out_dir, name: str, page, write_markdown) -> None:
+    """Write ``<out_dir>/<name>.json`` and, unless ``page`` is "-", the markdown page."""
+    import json
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    if str(page) != "-":
+        write_markdown(result, Path(page))
+        print(f"wrote {page}")
