@@ -1,13 +1,18 @@
 """sparsegen.patches: diffusers adapters (which modules, what geometry). No method logic."""
 
 from .base import LatentLayout, ModelAdapter, TextLayout
+from .allegro import ALLEGRO
 from .cogvideox import COGVIDEOX
 from .flux import FLUX
 from .hunyuan_video import HUNYUAN_VIDEO
+from .ltx_video import LTX_VIDEO
+from .mochi import MOCHI
+from .skyreels_v2 import SKYREELS_V2
 from .stable_diffusion import STABLE_DIFFUSION
 from .wan import WAN
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO, COGVIDEOX, FLUX, STABLE_DIFFUSION)
+ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO, COGVIDEOX, LTX_VIDEO, MOCHI, SKYREELS_V2, ALLEGRO, FLUX,
+                                      STABLE_DIFFUSION)
 
 __all__ = ["ADAPTERS", "LatentLayout", "ModelAdapter", "TextLayout", "adapter_for", "supported_models"]
 

@@ -10,7 +10,7 @@ from .base import ModelAdapter, TextLayout
 HUNYUAN_VIDEO = ModelAdapter(
     name="hunyuan_video",
     transformer_classes=("HunyuanVideoTransformer3DModel",),
-    pipeline_classes=("HunyuanVideoPipeline",),
+    pipeline_classes=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"),
     self_attention_pattern=r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn",
     patch_size=lambda cfg: (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size)),
     text_layout=TextLayout.SUFFIX,
