@@ -664,9 +664,20 @@ def check_builds(configs: Iterable[tuning.ShippedConfig], *, jobs: int = 2, dump
     if not work:
         return []
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited triton state
-    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(work))), mp_context=ctx,
-                             initializer=_worker_init) as pool:
-        done = list(pool.map(_compile_one, work, chunksize=1))
+    # The workers must import triton with the interpreter off: unpickling their start-up
+    # arguments can import it before the initializer runs, so they are started from an
+    # environment that says so (restored right after).
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(work))), mp_context=ctx,
+                                 initializer=_worker_init) as pool:
+            done = list(pool.map(_compile_one, work, chunksize=1))
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
     ref_results, results = done[:len(refs)], done[len(refs):]
     by_key = {_reference_key(r): r for r in ref_results}
     for r in ref_results:

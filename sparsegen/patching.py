@@ -31,6 +31,7 @@ import inspect
 import logging
 import threading
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -261,6 +262,9 @@ class SparseHandle:
         self._last_timestep: Optional[float] = None
         self._geometry: dict[int, AttentionGeometry] = {}
         self._grid_cache: dict = {}  # adapters that read the grid from position ids keep it here
+        self._geometry_errors: dict = {}  # geometries the method refused: raised only before a sparse call
+        self._attributes: list[tuple[str, torch.nn.Module]] = []  # (pipeline attribute, transformer patched)
+        self.detached = False
         self._levels: dict[int, dict] = {}  # UNets: per transformer, token count -> (geometry, downsample, rank)
         self._levels_key: dict[int, tuple] = {}
         self._current_transformer = 0
@@ -294,6 +298,7 @@ class SparseHandle:
             a = adapter_for(t)
             if attr in a.transformer_attributes:
                 found.append((t, a))
+                self._attributes.append((attr, t))
         if not found:
             if candidates:
                 raise ValueError(f"{type(target).__name__}: no patchable transformer among {candidates}")
@@ -365,6 +370,10 @@ class SparseHandle:
             self._prepare(tidx, f, h, w, str(hs.device))
             if adapter.levels is not None:
                 self._prepare_levels(tidx, adapter.levels(mod), h, w, str(hs.device))
+            if self._geometry_errors:
+                for g in ([self._geometry[tidx]] if adapter.levels is None else
+                          [lv[0] for lv in self._levels[tidx].values()]):
+                    self._raise_if_refused(g)
             if not (self._counts_scheduler_steps or self._steps_given):
                 self._step_from_timestep(arguments.get(adapter.timestep_arg))
 
@@ -386,10 +395,31 @@ class SparseHandle:
         return True
 
     def _prepare_geometry(self, geometry: AttentionGeometry, device: str) -> None:
-        if (geometry, device) not in self._prepared:
+        if (geometry, device) in self._prepared or geometry in self._geometry_errors:
+            return
+        try:
             self.method.check_geometry(geometry)
-            self.method.prepare(geometry, torch.device(device))
-            self._prepared.add((geometry, device))
+        except ValueError as e:
+            # Refused only if this generation makes a sparse call (a schedule that keeps
+            # every call dense serves any geometry); see _raise_if_refused.
+            self._geometry_errors[geometry] = e
+            return
+        self.method.prepare(geometry, torch.device(device))
+        self._prepared.add((geometry, device))
+
+    def _makes_sparse_calls(self) -> bool:
+        """Whether the schedule lets any call of this generation be sparse (unknown step count: yes)."""
+        cfg = self.config
+        if all(cfg.layer_is_dense(layer) for layer in range(self._num_layers)):
+            return False
+        if self.num_steps is None:
+            return not self._step_is_dense or self.step is None
+        return any(not cfg.step_is_dense(step, self.num_steps) for step in range(self.num_steps))
+
+    def _raise_if_refused(self, geometry: AttentionGeometry) -> None:
+        err = self._geometry_errors.get(geometry)
+        if err is not None and self._makes_sparse_calls():
+            raise err
 
     def _prepare_levels(self, tidx: int, factors: list[int], height: int, width: int, device: str) -> None:
         """UNets: the token grid of every attention level (downsample factor ``f``: one frame
@@ -423,6 +453,7 @@ class SparseHandle:
             self._scheduler_patches.append((sched, name, original if had_instance_attr else None))
 
         def new_generation():
+            self._check_attached()
             ts = getattr(sched, "timesteps", None)
             self.reset_schedule(len(ts) if ts is not None else None)
             self._advance_to(0)
@@ -434,6 +465,23 @@ class SparseHandle:
         wrap("set_timesteps", new_generation)
         wrap("step", next_step)
         self._counts_scheduler_steps = True
+
+    def _check_attached(self) -> None:
+        """Warn once if a patched transformer was replaced on the pipeline after apply (the
+        new one runs its own attention while this handle would look active)."""
+        if self.detached or self._removed or self._pipeline is None:
+            return
+        for attr, t in self._attributes:
+            now = getattr(self._pipeline, attr, None)
+            if now is t or getattr(now, "_orig_mod", None) is t:  # torch.compile wraps the patched module
+                continue
+            self.detached = True
+            msg = (f"sparsegen: pipe.{attr} was replaced after sparsegen.apply, so the new {type(now).__name__} runs "
+                   f"its own attention and this handle no longer acts on it; call handle.remove() and "
+                   f"sparsegen.apply(pipe, ...) again")
+            warnings.warn(msg, stacklevel=3)
+            logger.warning(msg)
+            return
 
     # ----------------------------------------------------------------- schedule
     def reset_schedule(self, num_steps: Optional[int] = None) -> None:
@@ -590,6 +638,8 @@ class SparseHandle:
         if self.method.runs_dense(call):
             self._record(1.0, sparse=False)
             return None
+        if geometry in self._geometry_errors:
+            raise self._geometry_errors[geometry]
         out = sparse_self_attention(self.method, q, k, v, call, text_tokens=text_tokens, text_key_valid=text_valid,
                                     text_first=layout == TextLayout.PREFIX)
         self._record(call.stats.get("density", 1.0), sparse=True)
@@ -627,7 +677,8 @@ class SparseHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "removed" if self._removed else "active"
+        state = "removed" if self._removed else ("detached: a patched transformer was replaced" if self.detached
+                                                  else "active")
         return f"SparseHandle({self.config!r}, adapter={getattr(self, 'adapter', None) and self.adapter.name}, {state})"
 
 

@@ -230,7 +230,7 @@ def test_bad_plans_and_options_say_what_to_do(tmp_path, wan_plan):
     (tmp_path / "p" / "plan.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format version 99"):
         load_plan(tmp_path / "p")
-    with pytest.raises(ValueError, match="calibrate knows the method 'paro' only"):
+    with pytest.raises(ValueError, match="calibrate knows the methods 'paro' and 'agent'"):
         sparsegen.calibrate(object(), "radial")
     with pytest.raises(ValueError, match="density"):
         sparsegen.calibrate(lambda **kw: None, "paro", density=0.0)
