@@ -625,8 +625,10 @@ class SparseHandle:
                 f"{geometry.grid} has {nv}; this model variant is not supported by the '{self.adapter.name}' adapter"
             )
         elif a.get("attn_mask") is not None:
-            raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask to video self-attention,"
-                             " which the adapter does not expect")
+            raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask to video self-attention "
+                             f"(e.g. SkyReels-V2's diffusion forcing, whose frame-causal mask the sparse methods cannot "
+                             f"combine with theirs yet); keep these calls dense with dense_steps / dense_layers, or "
+                             f"run without the mask")
         # The step is handed only to methods that read it: a compiled model specializes on
         # what the call reads, and most methods do not depend on the step.
         uses_step = self.method.uses_step
