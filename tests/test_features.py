@@ -1,0 +1,52 @@
+"""The plugin next to what users already do with a pipeline: a dtype move after apply, a
+LoRA adapter loaded, diffusers' attention backend chosen. Dense through the plugin gives
+the same output as without it; sparse runs."""
+
+import pytest
+import torch
+
+import sparsegen
+from tiny_models import run_wan, tiny_wan_pipeline
+
+SIZE = dict(height=128, width=128, steps=2)
+GNA = dict(kernel_size=(3, 5, 5), block_size=16)
+
+
+def _check(pipe):
+    ref = run_wan(pipe, **SIZE)
+    with sparsegen.apply(pipe, "dense"):
+        assert torch.equal(run_wan(pipe, **SIZE), ref)
+    with sparsegen.apply(pipe, "gna", **GNA) as handle:
+        out = run_wan(pipe, **SIZE)
+        assert all(0 < d < 1 for _, d in handle.step_densities())
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert torch.equal(run_wan(pipe, **SIZE), ref)
+
+
+def test_dtype_move_after_apply():
+    pipe = tiny_wan_pipeline()
+    handle = sparsegen.apply(pipe, "gna", **GNA)
+    pipe.to(torch.bfloat16)
+    out = run_wan(pipe, **SIZE)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert all(0 < d < 1 for _, d in handle.step_densities())
+    handle.remove()
+    ref = run_wan(pipe, **SIZE)
+    with sparsegen.apply(pipe, "dense"):
+        assert torch.equal(run_wan(pipe, **SIZE), ref)
+
+
+def test_with_a_lora_adapter_loaded():
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    pipe = tiny_wan_pipeline()
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                            init_lora_weights=False))
+    _check(pipe)
+
+
+def test_with_diffusers_attention_backend_set():
+    pipe = tiny_wan_pipeline()
+    pipe.transformer.set_attention_backend("native")
+    _check(pipe)
