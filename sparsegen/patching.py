@@ -585,11 +585,9 @@ class SparseHandle:
                              "which sparse self-attention does not serve; keep it dense with dense_layers")
         if a.get("scale") is not None and abs(a["scale"] - q.shape[-1] ** -0.5) > 1e-12:
             raise ValueError(f"sparsegen: layer '{route.module_name}' uses a non-default softmax scale {a['scale']}")
-        if a.get("parallel_config") is not None:
-            raise ValueError(
-                "sparsegen: context-parallel attention (parallel_config) is not supported yet; "
-                "disable context parallelism or remove sparsegen"
-            )
+        cp = getattr(a.get("parallel_config"), "context_parallel_config", None)
+        if cp is not None and (cp.ring_degree or 1) * (cp.ulysses_degree or 1) > 1:
+            return self._attend_ulysses(route, a, cp)
         if q.shape[1] != k.shape[1]:
             raise ValueError(
                 f"sparsegen: layer '{route.module_name}' is not self-attention ({q.shape[1]} queries, "
@@ -645,6 +643,66 @@ class SparseHandle:
         out = sparse_self_attention(self.method, q, k, v, call, text_tokens=text_tokens, text_key_valid=text_valid,
                                     text_first=layout == TextLayout.PREFIX)
         self._record(call.stats.get("density", 1.0), sparse=True)
+        return out
+
+    def _attend_ulysses(self, route: _Route, a: dict, cp) -> torch.Tensor:
+        """Sparse attention under diffusers' Ulysses context parallelism.
+
+        Diffusers' templated Ulysses attention exchanges q, k, v so that each rank holds
+        the whole sequence, in the original order, for a contiguous slice of the heads; the
+        forward op run there is the method's attention with its head offset (per-head
+        masks and orders are sliced at it), and the backward op recomputes it with grad.
+        """
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+        if (cp.ring_degree or 1) > 1:
+            raise ValueError("sparsegen: ring attention (ring_degree > 1) is not supported with sparse attention: "
+                             "each rank would see one key shard; use ulysses_degree for context parallelism")
+        if self.adapter.text_layout != TextLayout.NONE:
+            raise ValueError(f"sparsegen: context parallelism with joint text attention ({self.adapter.name}) is not "
+                             "supported yet; use it with video-only self-attention models (Wan, LTX, ...)")
+        if a.get("attn_mask") is not None:
+            raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask under context "
+                             "parallelism, which sparse attention does not serve")
+        q = a["query"]
+        geometry = self._geometry.get(self._current_transformer)
+        world = cp.ulysses_degree
+        if q.shape[2] % world:
+            raise ValueError(f"sparsegen: {q.shape[2]} heads do not split over ulysses_degree={world}")
+        rank = torch.distributed.get_rank(cp._ulysses_mesh.get_group())
+        uses_step = self.method.uses_step
+        heads = q.shape[2] // world
+        method = self.method
+
+        def make_call() -> AttentionCall:
+            return AttentionCall(
+                geometry=geometry, layer=route.layer, num_layers=self._num_layers,
+                step=self.step if uses_step else None, num_steps=self.num_steps if uses_step else None,
+                head_offset=rank * heads, total_heads=q.shape[2], backend=self.config.backend)
+
+        calls = []
+
+        def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+            if query.shape[1] != geometry.num_tokens:
+                raise ValueError(f"sparsegen: {query.shape[1]} tokens after the all-to-all, but the latent grid "
+                                 f"{geometry.grid} has {geometry.num_tokens}")
+            if _save_ctx:
+                ctx.save_for_backward(query, key, value)
+            call = make_call()
+            calls.append(call)
+            return sparse_self_attention(method, query, key, value, call)
+
+        def backward_op(ctx, grad_out, *args, **kwargs):
+            query, key, value = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+            with torch.enable_grad():
+                out = sparse_self_attention(method, query, key, value, make_call())
+                return torch.autograd.grad(out, (query, key, value), grad_out)
+
+        out = _templated_context_parallel_attention(
+            a["query"], a["key"], a["value"], None, 0.0, False, a.get("scale"), False, False,
+            forward_op=forward_op, backward_op=backward_op, _parallel_config=a["parallel_config"])
+        self._record(calls[-1].stats.get("density", 1.0) if calls else 1.0, sparse=True)
         return out
 
     # ------------------------------------------------------------------- remove

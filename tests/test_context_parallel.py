@@ -1,0 +1,102 @@
+"""Sparse attention under diffusers' native context parallelism (Ulysses), two CPU
+processes over gloo: the same output as one process, forward and backward."""
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CASES = {
+    "radial": dict(block_size=16, decay_factor=1.0),
+    "gna": dict(kernel_size=(3, 5, 5), block_size=16),
+    "vmoba": dict(temporal_block=1, spatial_block=(2, 4), spatiotemporal_block=(1, 4, 4), block_size=16,
+                  top_k=(2, 3, 4)),
+    "agent": dict(agent_cell=(1, 4, 4)),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    sys.path.insert(0, HERE)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.accelerator.device_count = lambda: 1  # CPU only: diffusers' mesh setup divides by the device count
+    from diffusers import ContextParallelConfig
+
+    import sparsegen
+    from tiny_models import tiny_wan_transformer
+
+    torch.manual_seed(0)
+    t = tiny_wan_transformer(layers=2)  # 2 heads: one per rank
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 5, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g), timestep=torch.tensor([500]),
+                  return_dict=False)
+    from sparsegen.methods.paro import ParoPlan
+    from sparsegen.reorder import ORDERS
+
+    # A PARO plan with a different order and mask per head: each rank must take its own heads'.
+    gp = torch.Generator().manual_seed(1)
+    masks = (torch.rand(1, 2, 2, 20, 20, generator=gp) < 0.4) | torch.eye(20, dtype=torch.bool)
+    plan = ParoPlan(model_class="WanTransformer3DModel", grid=(5, 8, 8), num_layers=2, num_heads=2, block_size=16,
+                    orders=[[ORDERS[3], ORDERS[4]], [ORDERS[0], ORDERS[5]]], masks=masks, buckets=[(0.0, 1.0)],
+                    calibration_steps=1, density=0.5)
+    cases = {**CASES, "paro": dict(plan=plan)}
+    results = {}
+    single = {}
+    for name, options in cases.items():
+        with sparsegen.apply(t, name, **options):
+            x = inputs["hidden_states"].clone().requires_grad_()
+            out = t(**{**inputs, "hidden_states": x})[0]
+            out.square().sum().backward()
+            single[name] = (out.detach(), x.grad.detach())
+    t.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    for name, options in cases.items():
+        with sparsegen.apply(t, name, **options) as handle:
+            x = inputs["hidden_states"].clone().requires_grad_()
+            out = t(**{**inputs, "hidden_states": x})[0]
+            out.square().sum().backward()
+            density = handle.step_densities()[0][1]
+        ref_out, ref_grad = single[name]
+        # Each rank's input gradient covers the work on its own shard (as with diffusers' dense
+        # context parallelism): their sum is the one-process gradient.
+        grad = x.grad.clone()
+        dist.all_reduce(grad)
+        results[name] = ((out.detach() - ref_out).abs().max().item(), (grad - ref_grad).abs().max().item(), density)
+    # Ring attention gives each rank a key shard: refused with a message, not silently dense.
+    torch.manual_seed(0)
+    ring = tiny_wan_transformer(layers=2)
+    ring.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+    with sparsegen.apply(ring, "gna", **CASES["gna"]):
+        try:
+            ring(**inputs)
+            results["ring"] = "ran"
+        except ValueError as e:
+            results["ring"] = str(e)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ulysses_two_processes_equal_one_and_ring_is_refused(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        assert "ring attention (ring_degree > 1) is not supported" in results.pop("ring")
+        assert set(results) == {*CASES, "paro"}
+        for name, (out_err, grad_err, density) in results.items():
+            assert out_err <= 1e-5, (rank, name, out_err)
+            assert grad_err <= 1e-4, (rank, name, grad_err)
+            assert 0 < density < 1, (rank, name, density)
