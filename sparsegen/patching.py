@@ -666,6 +666,8 @@ class SparseHandle:
                              "parallelism, which sparse attention does not serve")
         q = a["query"]
         geometry = self._geometry.get(self._current_transformer)
+        if geometry in self._geometry_errors:
+            raise self._geometry_errors[geometry]
         world = cp.ulysses_degree
         if q.shape[2] % world:
             raise ValueError(f"sparsegen: {q.shape[2]} heads do not split over ulysses_degree={world}")
