@@ -38,6 +38,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .joint import sparse_self_attention
+from .parallel import contiguous_head_assignment, greedy_head_assignment, rank_imbalance
 from .methods import MethodConfig, SparseAttentionMethod, config_class
 from .methods.base import AttentionCall, AttentionGeometry
 from .patches import ModelAdapter, TextLayout, adapter_for
@@ -265,6 +266,9 @@ class SparseHandle:
         self._geometry_errors: dict = {}  # geometries the method refused: raised only before a sparse call
         self._attributes: list[tuple[str, torch.nn.Module]] = []  # (pipeline attribute, transformer patched)
         self.detached = False
+        # Under Ulysses, per layer with per-head sparsity: {"ranks", "imbalance_contiguous",
+        # "imbalance" (max / mean of the ranks' visited blocks), "heads_per_rank"} (host values).
+        self.parallel_stats: dict[int, dict] = {}
         self._levels: dict[int, dict] = {}  # UNets: per transformer, token count -> (geometry, downsample, rank)
         self._levels_key: dict[int, tuple] = {}
         self._current_transformer = 0
@@ -675,12 +679,29 @@ class SparseHandle:
         uses_step = self.method.uses_step
         heads = q.shape[2] // world
         method = self.method
+        assignment = contiguous_head_assignment(q.shape[2], world)
 
-        def make_call() -> AttentionCall:
+        def make_call(indices=None) -> AttentionCall:
             return AttentionCall(
                 geometry=geometry, layer=route.layer, num_layers=self._num_layers,
                 step=self.step if uses_step else None, num_steps=self.num_steps if uses_step else None,
-                head_offset=rank * heads, total_heads=q.shape[2], backend=self.config.backend)
+                head_offset=rank * heads, total_heads=q.shape[2], backend=self.config.backend, head_indices=indices)
+
+        # Per-rank work of per-head sparsity (host values), and the balanced assignment if asked.
+        work = method.head_work(geometry, make_call())
+        if work is not None:
+            chosen = greedy_head_assignment(work, world) if self.config.balance_heads else assignment
+            self.parallel_stats[route.layer] = {
+                "ranks": world, "imbalance_contiguous": rank_imbalance(work, assignment),
+                "imbalance": rank_imbalance(work, chosen), "heads_per_rank": chosen}
+            assignment = chosen
+        indices = tuple(assignment[rank])
+        order = [h for hs in assignment for h in hs]
+        permuted = order != list(range(q.shape[2]))
+        if permuted:  # rank r's contiguous slice after the all-to-all holds assignment[r]
+            perm = torch.tensor(order, device=q.device)
+            for name in ("query", "key", "value"):
+                a[name] = a[name].index_select(2, perm)
 
         calls = []
 
@@ -691,19 +712,21 @@ class SparseHandle:
                                  f"{geometry.grid} has {geometry.num_tokens}")
             if _save_ctx:
                 ctx.save_for_backward(query, key, value)
-            call = make_call()
+            call = make_call(indices if permuted else None)
             calls.append(call)
             return sparse_self_attention(method, query, key, value, call)
 
         def backward_op(ctx, grad_out, *args, **kwargs):
             query, key, value = (t.detach().requires_grad_() for t in ctx.saved_tensors)
             with torch.enable_grad():
-                out = sparse_self_attention(method, query, key, value, make_call())
+                out = sparse_self_attention(method, query, key, value, make_call(indices if permuted else None))
                 return torch.autograd.grad(out, (query, key, value), grad_out)
 
         out = _templated_context_parallel_attention(
             a["query"], a["key"], a["value"], None, 0.0, False, a.get("scale"), False, False,
             forward_op=forward_op, backward_op=backward_op, _parallel_config=a["parallel_config"])
+        if permuted:
+            out = out.index_select(2, torch.argsort(perm))
         self._record(calls[-1].stats.get("density", 1.0) if calls else 1.0, sparse=True)
         return out
 

@@ -74,6 +74,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         grad = x.grad.clone()
         dist.all_reduce(grad)
         results[name] = ((out.detach() - ref_out).abs().max().item(), (grad - ref_grad).abs().max().item(), density)
+    # PARO with uneven heads (0 and 1 visit every block, 2 and 3 only the diagonal): contiguous
+    # slices put all the work on rank 0; balance_heads gives each rank one heavy, one light head.
+    torch.manual_seed(0)
+    t4 = tiny_wan_transformer(layers=1, heads=4)
+    eye = torch.eye(20, dtype=torch.bool)
+    uneven = torch.stack([torch.ones(20, 20, dtype=torch.bool)] * 2 + [eye] * 2)[None, None]
+    plan4 = ParoPlan(model_class="WanTransformer3DModel", grid=(5, 8, 8), num_layers=1, num_heads=4, block_size=16,
+                     orders=[["HWF", "FHW", "WHF", "FWH"]], masks=uneven, buckets=[(0.0, 1.0)], calibration_steps=1,
+                     density=0.5)
+    with sparsegen.apply(t4, "paro", plan=plan4):
+        ref4 = t4(**inputs)[0]
+    t4.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    for balance in (False, True):
+        with sparsegen.apply(t4, "paro", plan=plan4, balance_heads=balance) as handle:
+            out4 = t4(**inputs)[0]
+            stats = handle.parallel_stats[0]
+        results[f"paro-balance-{balance}"] = [(out4 - ref4).abs().max().item(), stats["imbalance_contiguous"],
+                                              stats["imbalance"], stats["heads_per_rank"]]
     # Ring attention gives each rank a key shard: refused with a message, not silently dense.
     torch.manual_seed(0)
     ring = tiny_wan_transformer(layers=2)
@@ -96,6 +114,10 @@ def test_ulysses_two_processes_equal_one_and_ring_is_refused(tmp_path):
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "ring attention (ring_degree > 1) is not supported" in results.pop("ring")
+        err, contiguous, imbalance, heads = results.pop("paro-balance-False")
+        assert err <= 1e-5 and contiguous == imbalance > 1.8 and heads == [[0, 1], [2, 3]]
+        err, contiguous, imbalance, heads = results.pop("paro-balance-True")
+        assert err <= 1e-5 and contiguous > 1.8 and imbalance == 1.0 and heads == [[0, 2], [1, 3]]
         assert set(results) == {*CASES, "paro"}
         for name, (out_err, grad_err, density) in results.items():
             assert out_err <= 1e-5, (rank, name, out_err)

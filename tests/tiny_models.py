@@ -10,12 +10,12 @@ import torch
 TEXT_DIM = 32
 
 
-def tiny_wan_transformer(seed: int = 0, *, layers: int = 3, in_channels: int = 4) -> torch.nn.Module:
+def tiny_wan_transformer(seed: int = 0, *, layers: int = 3, in_channels: int = 4, heads: int = 2) -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16, in_channels=in_channels,
         out_channels=in_channels, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
     ).eval()

@@ -41,7 +41,7 @@ import torch
 
 from ..kernels import Backend, BlockSparseMask
 
-__all__ = ["MethodConfig", "AttentionGeometry", "AttentionCall", "SparseAttentionMethod", "config_error",
+__all__ = ["MethodConfig", "AttentionGeometry", "AttentionCall", "SparseAttentionMethod", "config_error", "global_heads",
            "CONFIG_VERSION", "check_int"]
 
 # Version of the serialised config schema (``MethodConfig.version``); configs written
@@ -76,6 +76,9 @@ class MethodConfig:
             layer indices that stay dense.
         backend: kernel backend of the sparse layers, a :class:`~sparsegen.kernels.Backend`
             or its value (``"auto"``, ``"triton"``, ``"torch"``, ...).
+        balance_heads: under Ulysses context parallelism, give each rank the heads that
+            even out the ranks' work (greedy, from the method's per-head work; methods
+            whose heads all cost the same are unaffected) instead of contiguous slices.
         version: config schema version (serialised with the config; only
             :data:`CONFIG_VERSION` is understood).
 
@@ -89,6 +92,7 @@ class MethodConfig:
     dense_last_steps: int = 0
     dense_layers: Union[int, tuple[int, ...]] = 0
     backend: Backend = Backend.AUTO
+    balance_heads: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -106,6 +110,8 @@ class MethodConfig:
             object.__setattr__(self, "dense_layers", tuple(sorted(set(dl))))
         else:
             check_int(name, "dense_layers", dl, what="or a list of layer indices")
+        if not isinstance(self.balance_heads, bool):
+            raise config_error(name, "balance_heads", self.balance_heads, "must be True or False")
         try:
             object.__setattr__(self, "backend", Backend(self.backend))
         except ValueError:
@@ -234,6 +240,9 @@ class AttentionCall:
         num_steps: total denoising steps of the current generation, or None (same).
         head_offset: global index of the first head in q (head-parallel execution
             gives each rank a slice of heads; per-head methods must index by it).
+        head_indices: when q's heads are not a contiguous slice (balanced head
+            assignment), the global index of each of q's heads; None: contiguous from
+            ``head_offset``. Per-head methods read :meth:`global_heads`.
         total_heads: number of heads of the full layer.
         backend: kernel backend to use.
         downsample: the resolution level's downsampling factor (UNets: 1 at the latent
@@ -251,10 +260,18 @@ class AttentionCall:
     num_steps: Optional[int] = None
     head_offset: int = 0
     total_heads: Optional[int] = None
+    head_indices: Optional[tuple[int, ...]] = None
     backend: Backend = Backend.AUTO
     downsample: int = 1
     level: int = 0
     stats: dict = field(default_factory=dict)
+
+
+def global_heads(call: "AttentionCall", num_heads: int) -> list[int]:
+    """Global indices of the ``num_heads`` heads of a call (see ``AttentionCall.head_indices``)."""
+    if call.head_indices is not None:
+        return list(call.head_indices)
+    return list(range(call.head_offset, call.head_offset + num_heads))
 
 
 class SparseAttentionMethod:
@@ -307,6 +324,12 @@ class SparseAttentionMethod:
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:
         """Raise ValueError (saying what to change) if this method cannot serve ``geometry``."""
+
+    def head_work(self, geometry: AttentionGeometry, call: "AttentionCall") -> Optional[list[float]]:
+        """Per head of the full layer, its work in visited blocks when it is known on the
+        host before the call (static per-head masks); None: the same for every head or
+        unknown. Head-parallel execution balances ranks with it."""
+        return None
 
     def runs_dense(self, call: "AttentionCall") -> bool:
         """Whether this call runs the model's own attention (e.g. a UNet level the method

@@ -40,7 +40,7 @@ import torch
 from ..kernels import BlockSparseMask
 from ..kernels.mask import block_count
 from ..reorder import ORDERS, reordered_attention
-from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, config_error
+from .base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod, config_error, global_heads
 
 __all__ = ["PAROConfig", "PAROMethod", "ParoPlan", "load_plan", "QUANT_CHOICES", "PLAN_FORMAT_VERSION",
            "pack_bits", "unpack_bits"]
@@ -312,6 +312,8 @@ class PAROMethod(SparseAttentionMethod):
         key = ("bucket-masks", str(device))
         held = self._cache.get(key)
         if held is None or held[0] != bucket:
+            for old in [k for k in self._cache if k[0] == "head-mask" and k[1] != bucket]:
+                del self._cache[old]  # head-parallel masks of other buckets
             plan = self.plan
             density = plan.masks[bucket].float().mean((1, 2, 3))
             held = (bucket, [(plan.layer_mask(bucket, l).to(device), float(density[l]))
@@ -327,14 +329,27 @@ class PAROMethod(SparseAttentionMethod):
                              f"{call.num_layers} layers x {heads} heads: calibrate a plan on this model")
         bucket = plan.bucket_index(call.step, call.num_steps)
         mask, density = self._bucket_masks(bucket, q.device)[call.layer]
-        h0, h1 = call.head_offset, call.head_offset + q.shape[2]
-        if (h0, h1) != (0, plan.num_heads):
-            mask = mask.select_heads(h0, h1)
+        heads = global_heads(call, q.shape[2])
+        if heads != list(range(plan.num_heads)):
+            mask = self._head_mask(bucket, call.layer, tuple(heads), q.device)
         call.stats["density"] = density
         if not self.config.reorder:
             from ..kernels import block_sparse_attention
 
             return block_sparse_attention(q, k, v, mask, return_lse=True, quant=self.config.quant,
                                           backend=call.backend)
-        return reordered_attention(q, k, v, mask, grid=plan.grid, order=list(plan.orders[call.layer][h0:h1]),
+        return reordered_attention(q, k, v, mask, grid=plan.grid, order=[plan.orders[call.layer][h] for h in heads],
                                    return_lse=True, quant=self.config.quant, backend=call.backend)
+
+    def _head_mask(self, bucket: int, layer: int, heads: tuple, device) -> BlockSparseMask:
+        """The (bucket, layer) mask of some heads (head-parallel ranks), built from the plan's host copy."""
+        def build():
+            plan, n = self.plan, self.plan.num_tokens
+            return BlockSparseMask.from_block_matrix(plan.masks[bucket, layer, list(heads)][None], q_len=n, kv_len=n,
+                                                     q_block_size=plan.block_size,
+                                                     kv_block_size=plan.block_size).to(device)
+        return self.cached(("head-mask", bucket, layer, heads, str(device)), build)
+
+    def head_work(self, geometry: AttentionGeometry, call: AttentionCall):
+        bucket = self.plan.bucket_index(call.step, call.num_steps)
+        return self.plan.masks[bucket, call.layer].sum((-1, -2)).tolist()  # host tensor: no device read

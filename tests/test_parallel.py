@@ -1,0 +1,22 @@
+"""Greedy head assignment for head-parallel execution (pure functions)."""
+
+import pytest
+
+from sparsegen.parallel import contiguous_head_assignment, greedy_head_assignment, rank_imbalance
+
+
+def test_greedy_assignment_evens_the_ranks():
+    work = [10, 9, 1, 1, 1, 0, 0, 0]
+    contiguous = contiguous_head_assignment(8, 2)
+    assert contiguous == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert rank_imbalance(work, contiguous) == pytest.approx(21 / 11)
+    greedy = greedy_head_assignment(work, 2)
+    assert sorted(h for hs in greedy for h in hs) == list(range(8)) and all(len(hs) == 4 for hs in greedy)
+    assert rank_imbalance(work, greedy) == pytest.approx(1.0)  # 10 + 1 + 0 + 0 vs 9 + 1 + 1 + 0
+    assert greedy_head_assignment([9, 9, 1, 1], 2) == [[0, 2], [1, 3]]
+    assert greedy_head_assignment([1, 1, 1, 1], 4) == [[0], [1], [2], [3]]
+
+
+def test_heads_must_split_evenly():
+    with pytest.raises(ValueError, match="do not split evenly"):
+        greedy_head_assignment([1, 2, 3], 2)
