@@ -269,6 +269,7 @@ class SparseHandle:
         # Under Ulysses, per layer with per-head sparsity: {"ranks", "imbalance_contiguous",
         # "imbalance" (max / mean of the ranks' visited blocks), "heads_per_rank"} (host values).
         self.parallel_stats: dict[int, dict] = {}
+        self._head_orders: dict = {}  # (head order, device) -> (permutation, inverse) on the device
         self._levels: dict[int, dict] = {}  # UNets: per transformer, token count -> (geometry, downsample, rank)
         self._levels_key: dict[int, tuple] = {}
         self._current_transformer = 0
@@ -699,7 +700,11 @@ class SparseHandle:
         order = [h for hs in assignment for h in hs]
         permuted = order != list(range(q.shape[2]))
         if permuted:  # rank r's contiguous slice after the all-to-all holds assignment[r]
-            perm = torch.tensor(order, device=q.device)
+            key = (tuple(order), str(q.device))
+            if key not in self._head_orders:  # copied to the device once per assignment
+                self._head_orders[key] = (torch.tensor(order, device=q.device),
+                                          torch.argsort(torch.tensor(order)).to(q.device))
+            perm, inverse = self._head_orders[key]
             for name in ("query", "key", "value"):
                 a[name] = a[name].index_select(2, perm)
 
@@ -726,7 +731,7 @@ class SparseHandle:
             a["query"], a["key"], a["value"], None, 0.0, False, a.get("scale"), False, False,
             forward_op=forward_op, backward_op=backward_op, _parallel_config=a["parallel_config"])
         if permuted:
-            out = out.index_select(2, torch.argsort(perm))
+            out = out.index_select(2, inverse)
         self._record(calls[-1].stats.get("density", 1.0) if calls else 1.0, sparse=True)
         return out
 

@@ -30,24 +30,30 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _eager_and_compiled(pipe, run, method, options):
+    """Run ``pipe`` patched (Triton backend, first step dense) eagerly, then with its transformer
+    compiled fullgraph: (eager, compiled, eager densities, compiled densities, compile counter)."""
+    with torch.no_grad(), sparsegen.apply(pipe, method, backend="triton", dense_steps=1, **options) as handle:
+        eager = run()
+        eager_densities = handle.step_densities()
+        counter = CompileCounterWithBackend("aot_eager")
+        transformer = pipe.transformer
+        pipe.transformer = torch.compile(transformer, backend=counter, fullgraph=True, dynamic=False)
+        try:
+            compiled = run()
+        finally:
+            pipe.transformer = transformer
+        return eager, compiled, eager_densities, handle.step_densities(), counter
+
+
 @pytest.mark.parametrize("method,options", [
     ("radial", dict(block_size=32, decay_factor=0.5)),
     ("gna", dict(kernel_size=(3, 3, 3), block_size=32)),
 ], ids=["radial", "gna"])
 def test_patched_transformer_compiles_fullgraph_and_matches_eager(method, options):
     pipe = tiny_wan_pipeline()
-    run = dict(frames=9, height=128, width=128, steps=2, guidance=2.0)
-    with torch.no_grad(), sparsegen.apply(pipe, method, backend="triton", dense_steps=1, **options) as handle:
-        eager = run_wan(pipe, **run)
-        eager_densities = handle.step_densities()
-        counter = CompileCounterWithBackend("aot_eager")
-        transformer = pipe.transformer
-        pipe.transformer = torch.compile(transformer, backend=counter, fullgraph=True, dynamic=False)
-        try:
-            compiled = run_wan(pipe, **run)
-        finally:
-            pipe.transformer = transformer
-        compiled_densities = handle.step_densities()
+    eager, compiled, eager_densities, compiled_densities, counter = _eager_and_compiled(
+        pipe, lambda: run_wan(pipe, frames=9, height=128, width=128, steps=2, guidance=2.0), method, options)
     assert torch.equal(compiled, eager)
     # One graph for the dense step, one for the sparse steps: the step itself is not traced.
     assert counter.frame_count == 2, counter.frame_count
@@ -78,18 +84,8 @@ def test_a_processor_calling_sdpa_directly_compiles_fullgraph():
     from tiny_models import run_cogvideox, tiny_cogvideox_pipeline
 
     pipe = tiny_cogvideox_pipeline()
-    run = dict(steps=2, guidance=2.0)
-    with torch.no_grad(), sparsegen.apply(pipe, "gna", kernel_size=(3, 3, 3), block_size=32, backend="triton",
-                                          dense_steps=1) as handle:
-        eager = run_cogvideox(pipe, **run)
-        eager_densities = handle.step_densities()
-        counter = CompileCounterWithBackend("aot_eager")
-        transformer = pipe.transformer
-        pipe.transformer = torch.compile(transformer, backend=counter, fullgraph=True, dynamic=False)
-        try:
-            compiled = run_cogvideox(pipe, **run)
-        finally:
-            pipe.transformer = transformer
-        assert handle.step_densities() == eager_densities
+    eager, compiled, eager_densities, compiled_densities, counter = _eager_and_compiled(
+        pipe, lambda: run_cogvideox(pipe, steps=2, guidance=2.0), "gna", dict(kernel_size=(3, 3, 3), block_size=32))
+    assert compiled_densities == eager_densities
     assert torch.equal(compiled, eager)
     assert counter.frame_count == 2, counter.frame_count

@@ -352,4 +352,6 @@ class PAROMethod(SparseAttentionMethod):
 
     def head_work(self, geometry: AttentionGeometry, call: AttentionCall):
         bucket = self.plan.bucket_index(call.step, call.num_steps)
-        return self.plan.masks[bucket, call.layer].sum((-1, -2)).tolist()  # host tensor: no device read
+        # Summed once per (bucket, layer) from the plan's host copy: no device read.
+        return self.cached(("head-work", bucket, call.layer),
+                           lambda: self.plan.masks[bucket, call.layer].sum((-1, -2)).tolist())
