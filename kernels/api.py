@@ -193,7 +193,8 @@ def block_sparse_attention(
         if can_run_triton(q, k, v, mask, qcfg) and q.device.type == "cuda":
             backend = Backend.TRITON
         else:
-            if logger.isEnabledFor(logging.DEBUG):
+            # Logger calls break a torch.compile graph: say why only in eager runs.
+            if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
                 try:
                     can_run_triton(q, k, v, mask, qcfg, raise_error=True)
                     reason = "inputs are not on a CUDA device"

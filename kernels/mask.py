@@ -320,8 +320,11 @@ class BlockSparseMask:
         """Every query block visits every key block (dense attention)."""
         qb, kb = block_count(q_len, q_block_size), block_count(kv_len, kv_block_size)
         blocks = torch.ones(qb, kb, dtype=torch.bool, device=device)
-        return cls.from_block_matrix(blocks, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
-                                     kv_block_size=kv_block_size)
+        # Known full: nothing is read back from the device (masks built per call, under torch.compile).
+        mask = cls.from_block_matrix(blocks, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
+                                     kv_block_size=kv_block_size, max_blocks=kb)
+        mask._cache[("visits_every_block",)] = True
+        return mask
 
     @staticmethod
     def _check_rows_nonempty(blocks: torch.Tensor) -> None:

@@ -302,13 +302,16 @@ def prefers_dense_route(mask: BlockSparseMask, q_len: int, kv_len: int) -> bool:
     key = ("dense_route", q_len, kv_len)
     cache = mask._cache
     if key not in cache:
-        full = _visits_every_block(mask)
-        b, h = mask.shape[:2]
-        bias_fits = b * h * q_len * kv_len <= DENSE_ROUTE_MAX_BIAS_ELEMENTS
-        density = mask.density()
-        cache[key] = full or (bias_fits and block_route_cost(mask) * density >= DENSE_ROUTE_COST)
-        logger.debug("torch path: %s route for q_len=%d, kv_len=%d, block density %.3f",
-                     "dense" if cache[key] else "block", q_len, kv_len, density)
+        if _visits_every_block(mask):
+            cache[key] = True
+        else:
+            b, h = mask.shape[:2]
+            bias_fits = b * h * q_len * kv_len <= DENSE_ROUTE_MAX_BIAS_ELEMENTS
+            density = mask.density()
+            cache[key] = bias_fits and block_route_cost(mask) * density >= DENSE_ROUTE_COST
+            if not torch.compiler.is_compiling():  # a logger call breaks a torch.compile graph
+                logger.debug("torch path: %s route for q_len=%d, kv_len=%d, block density %.3f",
+                             "dense" if cache[key] else "block", q_len, kv_len, density)
     return cache[key]
 
 
@@ -383,10 +386,10 @@ def _block_forward(q, k, v, mask: BlockSparseMask, scale: float):
             if bias is not None:
                 # Rows whose tiles attend nothing: zero output and -inf LSE (mask.py's contract).
                 # Read them off the bias: the fused kernel reports a finite LSE for such rows.
+                # Branch-free: a host read of "any empty row" would break a torch.compile graph.
                 empty = torch.isneginf(bias).all(-1).view(n * m, qbs)
-                if bool(empty.any()):
-                    o = torch.where(empty.repeat_interleave(d, 1), torch.zeros_like(o), o)
-                    l = torch.where(empty, torch.full_like(l, float("-inf")), l)
+                o = o.masked_fill(empty.repeat_interleave(d, 1), 0.0)
+                l = l.masked_fill(empty, float("-inf"))
             out.index_copy_(0, q_ids, o if o.dtype == out.dtype else o.to(out.dtype))
             lse.index_copy_(0, q_ids, l)
     return _from_blocks(out, b, h, sq, d), lse.view(b, h, -1)[:, :, :sq]

@@ -45,7 +45,7 @@ _BLOCK = 64
 
 
 def _full(q_len: int, kv_len: int, device) -> BlockSparseMask:
-    return BlockSparseMask.full(q_len=q_len, kv_len=kv_len, q_block_size=_BLOCK, kv_block_size=_BLOCK).to(device)
+    return BlockSparseMask.full(q_len=q_len, kv_len=kv_len, q_block_size=_BLOCK, kv_block_size=_BLOCK, device=device)
 
 
 def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor, *,

@@ -150,10 +150,14 @@ class _ParoRecorder(SparseAttentionMethod):
         self.buckets: Optional[list[tuple[float, float]]] = None
 
     # ---------------------------------------------------------------- hooks
-    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int) -> None:
+    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int,
+                    multi_resolution: bool = False) -> None:
         if transformer_index > 0:
             raise ValueError("PARO calibration covers one transformer; pipelines with two (Wan 2.2 A14B) are not "
                              "supported by PARO yet")
+        if multi_resolution:
+            raise ValueError(f"{model_class} attends at several token resolutions (a UNet's levels) and a PARO plan "
+                             "holds one token grid: PARO serves diffusion transformers; use 'gna' or 'agent' here")
         self.model_class, self.num_layers = model_class, num_layers
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:
@@ -394,7 +398,8 @@ class _AgentErrorRecorder(SparseAttentionMethod):
         self.sums: dict[int, list] = {}  # layer -> [sum |agent - exact|, sum |exact|] (device)
         self.num_layers = 0
 
-    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int) -> None:
+    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int,
+                    multi_resolution: bool = False) -> None:
         self.num_layers = max(self.num_layers, num_layers)
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:

@@ -1,17 +1,23 @@
-"""Head assignment for head-parallel (Ulysses) execution of sparse attention.
+"""Head assignment and segment maps for head-parallel (Ulysses) execution of sparse attention.
 
 Under Ulysses context parallelism each rank attends a slice of the heads over the whole
 sequence. With per-head sparsity (PARO's calibrated masks) the heads' work differs, and
 contiguous slices can leave one rank with most of it. The greedy assignment (db-SP's):
 heads sorted by work, heaviest first, each given to the least-loaded rank that still has
 room (every rank takes H / ranks heads).
+
+Joint attention (text and video tokens in one sequence) is sharded per segment: diffusers
+splits the text and the video inputs separately, so after the all-to-all the gathered
+sequence is each rank's ``[its text shard, its video shard]`` in rank order, not
+``[all text, all video]``. :func:`joint_order` maps one to the other from the segments'
+lengths, never from positions assumed per model.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["greedy_head_assignment", "contiguous_head_assignment", "rank_imbalance"]
+__all__ = ["greedy_head_assignment", "contiguous_head_assignment", "rank_imbalance", "joint_order"]
 
 
 def contiguous_head_assignment(num_heads: int, ranks: int) -> list[list[int]]:
@@ -51,3 +57,34 @@ def _per_rank(num_heads: int, ranks: int) -> int:
     if ranks < 1 or num_heads % ranks:
         raise ValueError(f"{num_heads} heads do not split evenly over {ranks} ranks")
     return num_heads // ranks
+
+
+def joint_order(segments: Sequence[int], ranks: int) -> list[int]:
+    """Positions in the gathered sequence of each token of the unsharded sequence.
+
+    Args:
+        segments: lengths of the unsharded sequence's segments, in their order (e.g.
+            ``[text, video]``); each is split evenly over ``ranks``, and every rank holds its
+            shard of every segment, in the same order.
+        ranks: the number of shards, concatenated in rank order after the gather.
+    Returns:
+        ``order`` with ``gathered[order[j]]`` = token ``j`` of the unsharded sequence;
+        ``gathered.index_select(dim, order)`` restores it.
+
+    Raises:
+        ValueError: a segment does not split evenly.
+
+    >>> joint_order([2, 4], 2)   # gathered: [t0 v0 v1 | t1 v2 v3]
+    [0, 3, 1, 2, 4, 5]
+    """
+    for n in segments:
+        if ranks < 1 or n % ranks:
+            raise ValueError(f"a segment of {n} tokens does not split evenly over {ranks} ranks "
+                             f"(segments {list(segments)})")
+    shard = [n // ranks for n in segments]
+    chunk = sum(shard)
+    order = []
+    for i, per in enumerate(shard):
+        start = sum(shard[:i])
+        order += [r * chunk + start + t for r in range(ranks) for t in range(per)]
+    return order

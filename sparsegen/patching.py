@@ -38,7 +38,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .joint import sparse_self_attention
-from .parallel import contiguous_head_assignment, greedy_head_assignment, rank_imbalance
+from .parallel import contiguous_head_assignment, greedy_head_assignment, joint_order, rank_imbalance
 from .methods import MethodConfig, SparseAttentionMethod, config_class
 from .methods.base import AttentionCall, AttentionGeometry
 from .patches import ModelAdapter, TextLayout, adapter_for
@@ -269,7 +269,8 @@ class SparseHandle:
         # Under Ulysses, per layer with per-head sparsity: {"ranks", "imbalance_contiguous",
         # "imbalance" (max / mean of the ranks' visited blocks), "heads_per_rank"} (host values).
         self.parallel_stats: dict[int, dict] = {}
-        self._head_orders: dict = {}  # (head order, device) -> (permutation, inverse) on the device
+        # (head order, device) and joint segment maps -> (permutation, inverse) on the device
+        self._head_orders: dict = {}
         self._levels: dict[int, dict] = {}  # UNets: per transformer, token count -> (geometry, downsample, rank)
         self._levels_key: dict[int, tuple] = {}
         self._current_transformer = 0
@@ -361,7 +362,8 @@ class SparseHandle:
             self._hooks.append(module.register_forward_pre_hook(push))
             self._hooks.append(module.register_forward_hook(pop, always_call=True))
         self._num_layers = len(modules)
-        self.method.check_model(model_class=type(transformer).__name__, num_layers=len(modules), transformer_index=tidx)
+        self.method.check_model(model_class=type(transformer).__name__, num_layers=len(modules), transformer_index=tidx,
+                                multi_resolution=adapter.levels is not None)
         # The class's signature: instance-level wrappers (e.g. offload hooks) hide it.
         sig = inspect.signature(type(transformer).forward)
         names = list(sig.parameters)[1:]  # without self
@@ -657,15 +659,16 @@ class SparseHandle:
         the whole sequence, in the original order, for a contiguous slice of the heads; the
         forward op run there is the method's attention with its head offset (per-head
         masks and orders are sliced at it), and the backward op recomputes it with grad.
+        Joint attention's gathered sequence holds each rank's text shard and video shard in
+        rank order; a segment map restores ``[text, video]`` (or ``[video, text]``) for the
+        method and inverts it on the output.
         """
         from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
         if (cp.ring_degree or 1) > 1:
             raise ValueError("sparsegen: ring attention (ring_degree > 1) is not supported with sparse attention: "
                              "each rank would see one key shard; use ulysses_degree for context parallelism")
-        if self.adapter.text_layout != TextLayout.NONE:
-            raise ValueError(f"sparsegen: context parallelism with joint text attention ({self.adapter.name}) is not "
-                             "supported yet; use it with video-only self-attention models (Wan, LTX, ...)")
+        layout = self.adapter.text_layout
         if a.get("attn_mask") is not None:
             raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask under context "
                              "parallelism, which sparse attention does not serve")
@@ -709,22 +712,34 @@ class SparseHandle:
                 a[name] = a[name].index_select(2, perm)
 
         calls = []
+        nv = geometry.num_tokens
+        text_first = layout == TextLayout.PREFIX
+
+        def attend(query, key, value, call):
+            """The method over the gathered sequence; joint text is put in its unsharded place first."""
+            text = query.shape[1] - nv
+            if text < 0 or (text and layout == TextLayout.NONE):
+                raise ValueError(f"sparsegen: {query.shape[1]} tokens after the all-to-all, but the latent grid "
+                                 f"{geometry.grid} has {nv}")
+            if not text:
+                return sparse_self_attention(method, query, key, value, call)
+            order, inverse = self._joint_order(text, nv, world, text_first, query.device)
+            q, k, v = (t.index_select(1, order) for t in (query, key, value))
+            out = sparse_self_attention(method, q, k, v, call, text_tokens=text, text_first=text_first)
+            return out.index_select(1, inverse)
 
         def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                        enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
-            if query.shape[1] != geometry.num_tokens:
-                raise ValueError(f"sparsegen: {query.shape[1]} tokens after the all-to-all, but the latent grid "
-                                 f"{geometry.grid} has {geometry.num_tokens}")
             if _save_ctx:
                 ctx.save_for_backward(query, key, value)
             call = make_call(indices if permuted else None)
             calls.append(call)
-            return sparse_self_attention(method, query, key, value, call)
+            return attend(query, key, value, call)
 
         def backward_op(ctx, grad_out, *args, **kwargs):
             query, key, value = (t.detach().requires_grad_() for t in ctx.saved_tensors)
             with torch.enable_grad():
-                out = sparse_self_attention(method, query, key, value, make_call(indices if permuted else None))
+                out = attend(query, key, value, make_call(indices if permuted else None))
                 return torch.autograd.grad(out, (query, key, value), grad_out)
 
         out = _templated_context_parallel_attention(
@@ -734,6 +749,15 @@ class SparseHandle:
             out = out.index_select(2, inverse)
         self._record(calls[-1].stats.get("density", 1.0) if calls else 1.0, sparse=True)
         return out
+
+    def _joint_order(self, text: int, video: int, world: int, text_first: bool, device) -> tuple:
+        """(order, inverse) on ``device`` between the gathered sequence of joint attention
+        under Ulysses and the unsharded one (:func:`sparsegen.parallel.joint_order`), cached."""
+        key = ("joint", text, video, world, text_first, str(device))
+        if key not in self._head_orders:
+            order = torch.tensor(joint_order([text, video] if text_first else [video, text], world))
+            self._head_orders[key] = (order.to(device), torch.argsort(order).to(device))
+        return self._head_orders[key]
 
     # ------------------------------------------------------------------- remove
     def remove(self) -> None:

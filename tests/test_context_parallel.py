@@ -1,5 +1,7 @@
 """Sparse attention under diffusers' native context parallelism (Ulysses), two CPU
-processes over gloo: the same output as one process, forward and backward."""
+processes over gloo: the same output as one process, forward and backward, on Wan
+(video-only attention) and FLUX (joint attention: text and image shards interleave after
+the all-to-all)."""
 
 import json
 import os
@@ -23,6 +25,35 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _one_vs_parallel(model, inputs, cases, world) -> dict:
+    """Per method: (max |output - one process|, max |summed input gradient - one process|,
+    density) of ``model`` under Ulysses over ``world`` ranks."""
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    import sparsegen
+
+    def run(name, options):
+        with sparsegen.apply(model, name, **options) as handle:
+            x = inputs["hidden_states"].clone().requires_grad_()
+            out = model(**{**inputs, "hidden_states": x})[0]
+            out.square().sum().backward()
+            return out.detach(), x.grad.detach(), handle.step_densities()[0][1]
+
+    single = {name: run(name, options) for name, options in cases.items()}
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    results = {}
+    for name, options in cases.items():
+        out, grad, density = run(name, options)
+        ref_out, ref_grad, _ = single[name]
+        # Each rank's input gradient covers the work on its own shard (as with diffusers' dense
+        # context parallelism): their sum is the one-process gradient.
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        results[name] = ((out - ref_out).abs().max().item(), (grad - ref_grad).abs().max().item(), density)
+    return results
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -53,27 +84,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     orders=[[ORDERS[3], ORDERS[4]], [ORDERS[0], ORDERS[5]]], masks=masks, buckets=[(0.0, 1.0)],
                     calibration_steps=1, density=0.5)
     cases = {**CASES, "paro": dict(plan=plan)}
-    results = {}
-    single = {}
-    for name, options in cases.items():
-        with sparsegen.apply(t, name, **options):
-            x = inputs["hidden_states"].clone().requires_grad_()
-            out = t(**{**inputs, "hidden_states": x})[0]
-            out.square().sum().backward()
-            single[name] = (out.detach(), x.grad.detach())
-    t.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-    for name, options in cases.items():
-        with sparsegen.apply(t, name, **options) as handle:
-            x = inputs["hidden_states"].clone().requires_grad_()
-            out = t(**{**inputs, "hidden_states": x})[0]
-            out.square().sum().backward()
-            density = handle.step_densities()[0][1]
-        ref_out, ref_grad = single[name]
-        # Each rank's input gradient covers the work on its own shard (as with diffusers' dense
-        # context parallelism): their sum is the one-process gradient.
-        grad = x.grad.clone()
-        dist.all_reduce(grad)
-        results[name] = ((out.detach() - ref_out).abs().max().item(), (grad - ref_grad).abs().max().item(), density)
+    results = _one_vs_parallel(t, inputs, cases, world)
+    # FLUX: joint attention, text first; diffusers shards the text and the image tokens
+    # separately, so the gathered sequence interleaves them per rank (the segment map's job).
+    from tiny_models import tiny_transformer_and_inputs
+
+    flux, flux_inputs = tiny_transformer_and_inputs("flux")
+    flux_cases = {"dense": {}, "gna": dict(kernel_size=(1, 5, 5), block_size=16), "vmoba": CASES["vmoba"],
+                  "agent": CASES["agent"]}
+    results.update({f"flux-{name}": r for name, r in _one_vs_parallel(flux, flux_inputs, flux_cases, world).items()})
     # PARO with uneven heads (0 and 1 visit every block, 2 and 3 only the diagonal): contiguous
     # slices put all the work on rank 0; balance_heads gives each rank one heavy, one light head.
     torch.manual_seed(0)
@@ -118,8 +137,38 @@ def test_ulysses_two_processes_equal_one_and_ring_is_refused(tmp_path):
         assert err <= 1e-5 and contiguous == imbalance > 1.8 and heads == [[0, 1], [2, 3]]
         err, contiguous, imbalance, heads = results.pop("paro-balance-True")
         assert err <= 1e-5 and contiguous > 1.8 and imbalance == 1.0 and heads == [[0, 2], [1, 3]]
-        assert set(results) == {*CASES, "paro"}
+        assert set(results) == {*CASES, "paro", "flux-dense", "flux-gna", "flux-vmoba", "flux-agent"}
         for name, (out_err, grad_err, density) in results.items():
             assert out_err <= 1e-5, (rank, name, out_err)
             assert grad_err <= 1e-4, (rank, name, grad_err)
-            assert 0 < density < 1, (rank, name, density)
+            assert density == 1.0 if name == "flux-dense" else 0 < density < 1, (rank, name, density)
+
+
+def _example_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import importlib.util
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.accelerator.device_count = lambda: 1  # CPU only: diffusers' mesh setup divides by the device count
+    spec = importlib.util.spec_from_file_location("context_parallel_example",
+                                                  os.path.join(HERE, "..", "examples", "context_parallel.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    statuses = [example.main(["--method", "gna", "--frames", "9", "--steps", "3", "--check"]),
+                example.main(["--method", "radial", "--frames", "9", "--steps", "2", "--check", "--atol", "-1"])]
+    with open(os.path.join(out_dir, f"example{rank}.json"), "w") as f:
+        json.dump(statuses, f)
+    dist.destroy_process_group()
+
+
+def test_the_example_runs_on_two_processes_and_its_check_fails_on_mismatch(tmp_path, capfd):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_example_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    printed = capfd.readouterr().out
+    for rank in range(2):
+        # gna agrees with one process; an impossible tolerance (-1) must report a mismatch.
+        assert json.loads((tmp_path / f"example{rank}.json").read_text()) == [0, 1], printed
+    assert "gna with Ulysses x2 vs one process" in printed and "MISMATCH" in printed

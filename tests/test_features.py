@@ -50,3 +50,37 @@ def test_with_diffusers_attention_backend_set():
     pipe = tiny_wan_pipeline()
     pipe.transformer.set_attention_backend("native")
     _check(pipe)
+
+
+def test_model_cpu_offload_after_apply():
+    # diffusers' model offload wraps each model's forward in accelerate hooks; on a CPU-only
+    # machine the execution device must be named (it is the CPU itself here).
+    pytest.importorskip("accelerate")
+    pipe = tiny_wan_pipeline()
+    with sparsegen.apply(pipe, "gna", **GNA):
+        sparse = run_wan(pipe, **SIZE)
+    ref = run_wan(pipe, **SIZE)
+    handle = sparsegen.apply(pipe, "gna", **GNA)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(run_wan(pipe, **SIZE), sparse)
+    assert all(0 < d < 1 for _, d in handle.step_densities())
+    handle.remove()
+    assert torch.equal(run_wan(pipe, **SIZE), ref)
+    with sparsegen.apply(pipe, "dense"):
+        assert torch.equal(run_wan(pipe, **SIZE), ref)
+
+
+def test_with_lora_weights_loaded_by_diffusers(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    source = tiny_wan_pipeline()
+    source.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                              init_lora_weights=False))
+    type(source).save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(source.transformer))
+    pipe = tiny_wan_pipeline()
+    base = run_wan(pipe, **SIZE)
+    pipe.load_lora_weights(str(tmp_path))
+    assert not torch.equal(run_wan(pipe, **SIZE), base)  # the LoRA is live
+    _check(pipe)

@@ -1,4 +1,4 @@
-"""LTX-Video, Mochi, Allegro, SkyReels-V2 and Wan VACE: tiny transformers built from configs,
+"""LTX-Video, Mochi, Allegro, SkyReels-V2, Wan VACE and Wan Animate: tiny transformers built from configs,
 driven directly (one forward each): dense through the plugin equals unpatched, every method
 runs finite, remove() restores bit-identical output."""
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sparsegen
+from tiny_models import tiny_transformer_and_inputs
 
 METHODS = {
     "gna": dict(kernel_size=(3, 5, 5), block_size=16),
@@ -16,52 +17,9 @@ METHODS = {
 }
 
 
-def _inputs(g, **extra):
-    return dict(hidden_states=torch.randn(1, 4, 5, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
-                timestep=torch.tensor([500]), return_dict=False, **extra)
-
-
-def _model(name):
-    """(transformer, forward inputs): every model's grid is 5 x 8 x 8 video tokens."""
-    import diffusers
-
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    wan_like = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                    text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                    qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    if name == "ltx_video":
-        t = diffusers.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
-                                                 num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
-                                                 num_layers=2, caption_channels=32)
-        return t, dict(hidden_states=torch.randn(1, 5 * 8 * 8, 8, generator=g),
-                       encoder_hidden_states=torch.randn(1, 6, 32, generator=g), timestep=torch.tensor([500]),
-                       encoder_attention_mask=torch.ones(1, 6), num_frames=5, height=8, width=8, return_dict=False)
-    if name == "mochi":
-        t = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-                                              pooled_projection_dim=16, in_channels=4, out_channels=4, text_embed_dim=32,
-                                              time_embed_dim=4, activation_fn="swiglu", max_sequence_length=16)
-        valid = torch.ones(2, 6)
-        valid[1, 4:] = 0  # the second sample has 4 valid text tokens: Mochi attends each sample separately
-        return t, dict(hidden_states=torch.randn(2, 4, 5, 16, 16, generator=g),
-                       encoder_hidden_states=torch.randn(2, 6, 32, generator=g), timestep=torch.tensor([500, 500]),
-                       encoder_attention_mask=valid, return_dict=False)
-    if name == "allegro":
-        t = diffusers.AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
-                                                in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=32,
-                                                caption_channels=32, sample_height=16, sample_width=16, sample_frames=5)
-        return t, _inputs(g)
-    if name == "skyreels_v2":
-        return diffusers.SkyReelsV2Transformer3DModel(**wan_like), _inputs(g)
-    if name == "wan_vace":
-        t = diffusers.WanVACETransformer3DModel(**wan_like, vace_layers=[0], vace_in_channels=8)
-        return t, _inputs(g, control_hidden_states=torch.randn(1, 8, 5, 16, 16, generator=g))
-    raise AssertionError(name)
-
-
-@pytest.fixture(scope="module", params=["ltx_video", "mochi", "allegro", "skyreels_v2", "wan_vace"])
+@pytest.fixture(scope="module", params=["ltx_video", "mochi", "allegro", "skyreels_v2", "wan_vace", "wan_animate"])
 def model(request):
-    t, inputs = _model(request.param)
+    t, inputs = tiny_transformer_and_inputs(request.param)
     t.eval()
     with torch.no_grad():
         return request.param, t, inputs, t(**inputs)[0]
@@ -87,7 +45,7 @@ def test_each_method_runs_finite_and_remove_restores(model, method):
 
 def test_a_full_window_is_exact_with_per_sample_text_last():
     """Mochi attends [video, valid text] per sample: GNA over the whole grid is full attention."""
-    t, inputs = _model("mochi")
+    t, inputs = tiny_transformer_and_inputs("mochi")
     t.eval()
     with torch.no_grad():
         ref = t(**inputs)[0]
@@ -99,4 +57,4 @@ def test_a_full_window_is_exact_with_per_sample_text_last():
 def test_they_are_listed():
     names = {m["name"]: m["pipelines"] for m in sparsegen.supported_models()}
     assert {"ltx_video", "mochi", "allegro", "skyreels_v2"} <= set(names)
-    assert "WanVACEPipeline" in names["wan"] and "HunyuanVideoImageToVideoPipeline" in names["hunyuan_video"]
+    assert {"WanVACEPipeline", "WanAnimatePipeline"} <= set(names["wan"]) and "HunyuanVideoImageToVideoPipeline" in names["hunyuan_video"]

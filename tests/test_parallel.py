@@ -1,4 +1,4 @@
-"""Greedy head assignment for head-parallel execution (pure functions)."""
+"""Greedy head assignment and joint segment maps for head-parallel execution (pure functions)."""
 
 import pytest
 
@@ -20,3 +20,23 @@ def test_greedy_assignment_evens_the_ranks():
 def test_heads_must_split_evenly():
     with pytest.raises(ValueError, match="do not split evenly"):
         greedy_head_assignment([1, 2, 3], 2)
+
+
+def test_joint_order_restores_segments_sharded_per_rank():
+    from sparsegen.parallel import joint_order
+
+    text, video, ranks = 6, 12, 3
+    # What each rank holds (its text shard, then its video shard), gathered in rank order.
+    tokens = [f"t{i}" for i in range(text)] + [f"v{i}" for i in range(video)]
+    gathered = []
+    for r in range(ranks):
+        gathered += tokens[r * 2:(r + 1) * 2] + tokens[text + r * 4:text + (r + 1) * 4]
+    assert [gathered[i] for i in joint_order([text, video], ranks)] == tokens
+    video_first = tokens[text:] + tokens[:text]
+    gathered = []
+    for r in range(ranks):
+        gathered += video_first[r * 4:(r + 1) * 4] + video_first[video + r * 2:video + (r + 1) * 2]
+    assert [gathered[i] for i in joint_order([video, text], ranks)] == video_first
+    assert joint_order([5], 1) == list(range(5))
+    with pytest.raises(ValueError, match="7 tokens does not split evenly over 2"):
+        joint_order([7, 4], 2)

@@ -234,3 +234,15 @@ def test_bad_plans_and_options_say_what_to_do(tmp_path, wan_plan):
         sparsegen.calibrate(object(), "radial")
     with pytest.raises(ValueError, match="density"):
         sparsegen.calibrate(lambda **kw: None, "paro", density=0.0)
+
+
+def test_unets_with_several_token_resolutions_are_refused():
+    from tiny_models import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(ValueError, match="several token resolutions.*use 'gna' or 'agent'"):
+        sparsegen.apply(pipe, "paro", plan=_plan((1, 16, 16), 2, 1, model="UNet2DConditionModel"))
+    with pytest.raises(ValueError, match="several token resolutions"):
+        sparsegen.calibrate(pipe, "paro", height=64, width=64, num_inference_steps=1)
+    with sparsegen.apply(pipe, "dense"):  # nothing was left patched
+        pass

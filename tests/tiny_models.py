@@ -222,3 +222,83 @@ def save_tiny_sd_with_text_encoder(directory) -> str:
     pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
     pipe.save_pretrained(directory)
     return str(directory)
+
+
+def _video_inputs(g, **extra):
+    return dict(hidden_states=torch.randn(1, 4, 5, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 6, TEXT_DIM, generator=g),
+                timestep=torch.tensor([500]), return_dict=False, **extra)
+
+
+def tiny_transformer_and_inputs(name: str):
+    """(transformer in eval mode, keyword inputs of one forward) for every model family the
+    adapters serve. Video models see a 5 x 8 x 8 video token grid (CogVideoX 1.0: 5 x 8 x 8 after
+    8 text tokens); FLUX 8 x 8 image tokens after 8 text tokens; Stable Diffusion a 16 x 16 latent."""
+    transformer, inputs = _build_tiny(name)
+    return transformer.eval(), inputs
+
+
+def _build_tiny(name: str):
+    import diffusers
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    wan_like = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                    text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                    qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    if name == "ltx_video":
+        t = diffusers.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                                 num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                                                 num_layers=2, caption_channels=32)
+        return t, dict(hidden_states=torch.randn(1, 5 * 8 * 8, 8, generator=g),
+                       encoder_hidden_states=torch.randn(1, 6, TEXT_DIM, generator=g), timestep=torch.tensor([500]),
+                       encoder_attention_mask=torch.ones(1, 6), num_frames=5, height=8, width=8, return_dict=False)
+    if name == "mochi":
+        t = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                                              pooled_projection_dim=16, in_channels=4, out_channels=4, text_embed_dim=32,
+                                              time_embed_dim=4, activation_fn="swiglu", max_sequence_length=16)
+        valid = torch.ones(2, 6)
+        valid[1, 4:] = 0  # the second sample has 4 valid text tokens: Mochi attends each sample separately
+        return t, dict(hidden_states=torch.randn(2, 4, 5, 16, 16, generator=g),
+                       encoder_hidden_states=torch.randn(2, 6, TEXT_DIM, generator=g), timestep=torch.tensor([500, 500]),
+                       encoder_attention_mask=valid, return_dict=False)
+    if name == "allegro":
+        t = diffusers.AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+                                                in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=32,
+                                                caption_channels=32, sample_height=16, sample_width=16, sample_frames=5)
+        return t, _video_inputs(g)
+    if name == "skyreels_v2":
+        return diffusers.SkyReelsV2Transformer3DModel(**wan_like), _video_inputs(g)
+    if name == "wan_vace":
+        t = diffusers.WanVACETransformer3DModel(**wan_like, vace_layers=[0], vace_in_channels=8)
+        return t, _video_inputs(g, control_hidden_states=torch.randn(1, 8, 5, 16, 16, generator=g))
+    if name == "wan":
+        return tiny_wan_transformer(), _video_inputs(g)
+    if name == "wan_animate":
+        # Latents (B, 2C + 4, T + 1, H, W): the reference frame first, then T pose-driven frames.
+        t = diffusers.WanAnimateTransformer3DModel(
+            **{**wan_like, "in_channels": 12, "out_channels": 4}, latent_channels=4, image_dim=None,
+            motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
+            motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+            inject_face_latents_blocks=1, motion_encoder_batch_size=4)
+        return t, dict(hidden_states=torch.randn(1, 12, 5, 16, 16, generator=g), timestep=torch.tensor([500]),
+                       encoder_hidden_states=torch.randn(1, 6, TEXT_DIM, generator=g),
+                       pose_hidden_states=torch.randn(1, 4, 4, 16, 16, generator=g),
+                       face_pixel_values=torch.randn(1, 3, 4, 16, 16, generator=g), return_dict=False)
+    if name == "hunyuan_video":
+        return tiny_hunyuan_transformer(), tiny_hunyuan_inputs()
+    if name == "cogvideox":
+        return tiny_cogvideox_transformer(), dict(hidden_states=torch.randn(1, 5, 4, 16, 16, generator=g),
+                                                  encoder_hidden_states=torch.randn(1, 8, TEXT_DIM, generator=g),
+                                                  timestep=torch.tensor([500]), return_dict=False)
+    if name == "flux":
+        pipe = tiny_flux_pipeline()
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1)
+        return pipe.transformer, dict(hidden_states=torch.randn(1, 64, 16, generator=g),
+                                      encoder_hidden_states=torch.randn(1, 8, TEXT_DIM, generator=g),
+                                      pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
+                                      img_ids=ids.reshape(64, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
+    if name == "stable_diffusion":
+        return tiny_sd_pipeline().unet, dict(sample=torch.randn(1, 4, 16, 16, generator=g), timestep=torch.tensor([500]),
+                                             encoder_hidden_states=torch.randn(1, 8, TEXT_DIM, generator=g),
+                                             return_dict=False)
+    raise ValueError(f"no tiny model named {name!r}")

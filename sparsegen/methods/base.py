@@ -314,12 +314,14 @@ class SparseAttentionMethod:
         self.config = config
         self._cache: dict = {}
 
-    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int) -> None:
+    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int,
+                    multi_resolution: bool = False) -> None:
         """Raise ValueError if this method cannot serve the model being patched (default: any).
 
         Args:
             model_class: class name of the transformer; num_layers: its patched layers;
-            transformer_index: 0, or 1 for a pipeline's second transformer (Wan 2.2).
+            transformer_index: 0, or 1 for a pipeline's second transformer (Wan 2.2);
+            multi_resolution: its layers attend at several token grids (a UNet's levels).
         """
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:

@@ -289,10 +289,14 @@ class PAROMethod(SparseAttentionMethod):
     def plan(self) -> ParoPlan:
         return self.config.plan
 
-    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int) -> None:
+    def check_model(self, *, model_class: str, num_layers: int, transformer_index: int,
+                    multi_resolution: bool = False) -> None:
         if transformer_index > 0:
             raise ValueError("a PARO plan covers one transformer; pipelines with two (Wan 2.2 A14B) are not "
                              "supported by PARO yet")
+        if multi_resolution:
+            raise ValueError(f"{model_class} attends at several token resolutions (a UNet's levels) and a PARO plan "
+                             "holds one token grid: PARO serves diffusion transformers; use 'gna' or 'agent' here")
         self.plan.check_model(model_class, num_layers)
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:
