@@ -394,6 +394,22 @@ class BlockSparseMask:
                     j * self.kv_block_size:(j + 1) * self.kv_block_size] = self.tiles[ids[bb, hh, i, j]]
         return tok[:, :, : self.q_len, : self.kv_len].contiguous()
 
+    def query_blocks(self, blocks: torch.Tensor) -> "BlockSparseMask":
+        """The rows of the listed query blocks, in the order given, as a mask of their own.
+
+        Args:
+            blocks: long (R,) query block indices (a host or same-device tensor).
+        Returns:
+            a mask with ``R`` query blocks, ``q_len = R * q_block_size`` (every block full
+            length: rows past the original ``q_len`` hold padding queries) and the same keys,
+            key blocks and token tiles.
+        """
+        idx = blocks.to(device=self.device, dtype=torch.long)
+        return BlockSparseMask(
+            self.kv_num_blocks.index_select(2, idx).contiguous(), self.kv_indices.index_select(2, idx).contiguous(),
+            int(idx.numel()) * self.q_block_size, self.kv_len, self.q_block_size, self.kv_block_size,
+            None if self.tile_ids is None else self.tile_ids.index_select(2, idx).contiguous(), self.tiles)
+
     def to(self, device) -> "BlockSparseMask":
         device = torch.device(device)
         if self.device == device:

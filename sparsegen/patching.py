@@ -593,7 +593,9 @@ class SparseHandle:
         if a.get("scale") is not None and abs(a["scale"] - q.shape[-1] ** -0.5) > 1e-12:
             raise ValueError(f"sparsegen: layer '{route.module_name}' uses a non-default softmax scale {a['scale']}")
         cp = getattr(a.get("parallel_config"), "context_parallel_config", None)
-        if cp is not None and (cp.ring_degree or 1) * (cp.ulysses_degree or 1) > 1:
+        if cp is not None and (cp.ring_degree or 1) > 1:
+            return self._attend_ring(route, a, cp)
+        if cp is not None and (cp.ulysses_degree or 1) > 1:
             return self._attend_ulysses(route, a, cp)
         if q.shape[1] != k.shape[1]:
             raise ValueError(
@@ -665,9 +667,6 @@ class SparseHandle:
         """
         from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
-        if (cp.ring_degree or 1) > 1:
-            raise ValueError("sparsegen: ring attention (ring_degree > 1) is not supported with sparse attention: "
-                             "each rank would see one key shard; use ulysses_degree for context parallelism")
         layout = self.adapter.text_layout
         if a.get("attn_mask") is not None:
             raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask under context "
@@ -748,6 +747,50 @@ class SparseHandle:
         if permuted:
             out = out.index_select(2, inverse)
         self._record(calls[-1].stats.get("density", 1.0) if calls else 1.0, sparse=True)
+        return out
+
+    def _attend_ring(self, route: _Route, a: dict, cp) -> torch.Tensor:
+        """Sparse attention under diffusers' ring context parallelism.
+
+        Each rank holds a contiguous shard of the queries, keys and values. The keys and
+        values are all-gathered (as diffusers' own ring attention does; differentiable: the
+        backward reduce-scatters their gradients to their owners), and the rank runs its
+        rows of the method's static mask against them: only the query blocks holding its
+        tokens, only their visited key blocks, so no key shard a row does not visit is ever
+        computed and there is no merge across shards to go wrong.
+        """
+        from torch.distributed import _functional_collectives as funcol
+
+        method, layout = self.method, self.adapter.text_layout
+        if (cp.ulysses_degree or 1) > 1:
+            raise ValueError("sparsegen: ring and Ulysses degrees together are not supported; use one of them")
+        if not method.has_static_mask:
+            raise ValueError(f"sparsegen: '{self.config.method}' cannot run under ring attention (ring_degree > 1): "
+                             f"it needs the whole sequence on every call (PARO's per-head token reordering, VMoBA's "
+                             f"block selection, agent pooling); use ulysses_degree, or radial / gna")
+        if layout != TextLayout.NONE:
+            raise ValueError(f"sparsegen: ring attention with joint text attention ({self.adapter.name}) is not "
+                             "supported; use ulysses_degree")
+        if a.get("attn_mask") is not None:
+            raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask under context "
+                             "parallelism, which sparse attention does not serve")
+        geometry = self._geometry.get(self._current_transformer)
+        if geometry in self._geometry_errors:
+            raise self._geometry_errors[geometry]
+        q, k, v = a["query"], a["key"], a["value"]
+        world, rank = cp.ring_degree, cp._ring_local_rank
+        group = cp._ring_mesh.get_group()
+        if q.shape[1] * world != geometry.num_tokens:
+            raise ValueError(f"sparsegen: {q.shape[1]} tokens per rank x ring_degree={world} is not the latent "
+                             f"grid's {geometry.num_tokens} tokens {geometry.grid}")
+        keys = funcol.all_gather_tensor_autograd(k.contiguous(), gather_dim=1, group=group)
+        values = funcol.all_gather_tensor_autograd(v.contiguous(), gather_dim=1, group=group)
+        call = AttentionCall(
+            geometry=geometry, layer=route.layer, num_layers=self._num_layers,
+            step=self.step if method.uses_step else None, num_steps=self.num_steps if method.uses_step else None,
+            head_offset=0, total_heads=q.shape[2], backend=self.config.backend)
+        out, _ = method.shard_attention(q, keys, values, call, start=rank * q.shape[1])
+        self._record(call.stats.get("density", 1.0), sparse=True)
         return out
 
     def _joint_order(self, text: int, video: int, world: int, text_first: bool, device) -> tuple:

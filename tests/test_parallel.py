@@ -40,3 +40,45 @@ def test_joint_order_restores_segments_sharded_per_rank():
     assert joint_order([5], 1) == list(range(5))
     with pytest.raises(ValueError, match="7 tokens does not split evenly over 2"):
         joint_order([7, 4], 2)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("radial", dict(block_size=16, decay_factor=1.0)),
+    ("gna", dict(kernel_size=(3, 5, 5), block_size=16)),                       # token tiles, partial blocks
+    ("gna", dict(kernel_size=(3, 3, 3), block_size=16, tile=(1, 4, 4))),     # a non-identity layout
+], ids=["radial", "gna", "gna-tiled"])
+@pytest.mark.parametrize("shards", [2, 4])
+def test_query_shards_against_all_keys_equal_the_whole_attention(method, options, shards):
+    import torch
+
+    from sparsegen.patching import make_config
+    from sparsegen.methods.base import AttentionCall, AttentionGeometry
+
+    m = make_config(method, **options).make_method()
+    g = AttentionGeometry(5, 6, 8)  # 240 tokens: shards of 120 / 60 tokens cut query blocks of 16
+    q, k, v = torch.randn(3, 1, 240, 2, 16).unbind(0)
+
+    def call():
+        return AttentionCall(geometry=g, layer=0, num_layers=1, step=None, num_steps=None, head_offset=0,
+                             total_heads=2, backend="torch")
+
+    ref, ref_lse = m.attention(q, k, v, call())
+    n = 240 // shards
+    outs = [m.shard_attention(q[:, r * n:(r + 1) * n], k, v, call(), start=r * n) for r in range(shards)]
+    torch.testing.assert_close(torch.cat([o for o, _ in outs], 1), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([lse for _, lse in outs], 2), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_methods_without_a_static_mask_refuse_query_shards():
+    import torch
+
+    from sparsegen.patching import make_config
+    from sparsegen.methods.base import AttentionCall, AttentionGeometry
+
+    m = make_config("agent").make_method()
+    g = AttentionGeometry(2, 4, 4)
+    q = torch.randn(1, 32, 2, 16)
+    c = AttentionCall(geometry=g, layer=0, num_layers=1, step=None, num_steps=None, head_offset=0, total_heads=2,
+                      backend="torch")
+    with pytest.raises(ValueError, match="cannot run on a shard of the queries"):
+        m.shard_attention(q[:, :16], q, q, c, start=0)

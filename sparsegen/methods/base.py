@@ -39,7 +39,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import torch
 
-from ..kernels import Backend, BlockSparseMask
+from ..kernels import Backend, BlockSparseMask, block_sparse_attention
 
 __all__ = ["MethodConfig", "AttentionGeometry", "AttentionCall", "SparseAttentionMethod", "config_error", "global_heads",
            "CONFIG_VERSION", "check_int"]
@@ -345,6 +345,56 @@ class SparseAttentionMethod:
         """The block mask used for every call on ``geometry`` (methods with ``has_static_mask``)."""
         raise ValueError(f"method {self.config.method!r} has no static mask (it selects blocks per call from q "
                          "and k)")
+
+    def token_layouts(self, geometry: AttentionGeometry, device="cpu") -> tuple:
+        """(query layout, key layout): the token permutations (``sparsegen.tiling.TokenPermutation``)
+        the static mask is expressed over; None for the tokens' own order (the default)."""
+        return None, None
+
+    def shard_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, *,
+                        start: int):
+        """Rows ``[start, start + Nq)`` of this method's attention, for a contiguous shard of
+        the queries against all keys (context parallelism with sharded queries).
+
+        Only the query blocks that hold the shard's tokens are computed (their other rows
+        are zero queries whose output is dropped), with their rows of the static mask.
+
+        Args:
+            q: (B, Nq, H, D), tokens ``start .. start + Nq - 1`` of the row-major video tokens.
+            k, v: (B, N, H, D), all N = call.geometry.num_tokens tokens.
+        Returns:
+            out (B, Nq, H, D) and lse fp32 (B, H, Nq).
+
+        Raises:
+            ValueError: the method has no static mask (it selects blocks or pools agents from
+                the whole sequence), or the shard is out of range.
+        """
+        g = call.geometry
+        n, nq = g.num_tokens, q.shape[1]
+        if not self.has_static_mask:
+            raise ValueError(f"method {self.config.method!r} selects its blocks from the whole sequence on every call, "
+                             "so it cannot run on a shard of the queries")
+        if k.shape[1] != n or not 0 <= start <= n - nq:
+            raise ValueError(f"a query shard [{start}, {start + nq}) against {k.shape[1]} keys does not fit the grid "
+                             f"{g.grid} ({n} tokens)")
+        mask = self.static_mask(g, q.device)
+        q_layout, kv_layout = self.token_layouts(g, q.device)
+
+        def plan():
+            tokens = torch.arange(start, start + nq)
+            pos = tokens if q_layout is None else q_layout.inverse[tokens]  # position in the mask's query order
+            blocks, slot_block = torch.unique(pos // mask.q_block_size, sorted=True, return_inverse=True)
+            slots = slot_block * mask.q_block_size + pos % mask.q_block_size
+            return mask.query_blocks(blocks), slots.to(q.device), mask.density()
+
+        sub, slots, density = self.cached(("shard", g, start, nq, str(q.device)), plan)
+        b, _, h, d = q.shape
+        q_sub = q.new_zeros(b, sub.q_len, h, d).index_copy(1, slots, q)
+        if kv_layout is not None:
+            k, v = kv_layout.apply(k), kv_layout.apply(v)
+        out, lse = block_sparse_attention(q_sub, k, v, sub, return_lse=True, backend=call.backend)
+        call.stats["density"] = density  # of the whole mask (a host value, read once per shard)
+        return out.index_select(1, slots), lse.index_select(2, slots)
 
     def attended_pairs(self, geometry: AttentionGeometry) -> Optional[int]:
         """(query, key) token pairs attended per batch element and head, when the static

@@ -168,6 +168,10 @@ class GNAMethod(SparseAttentionMethod):
         """The block mask over *tiled* tokens used for ``geometry`` (see :meth:`layout_for`)."""
         return self.layout_for(geometry, device).mask
 
+    def token_layouts(self, geometry: AttentionGeometry, device="cpu") -> tuple:
+        lay = self.layout_for(geometry, device)
+        return lay.q_layout, lay.kv_layout
+
     def prepare(self, geometry: AttentionGeometry, device) -> None:
         self._layout(geometry, device)
 
