@@ -326,6 +326,41 @@ class BlockSparseMask:
         mask._cache[("visits_every_block",)] = True
         return mask
 
+    @classmethod
+    def rank_causal(cls, *, q_rank: torch.Tensor, kv_rank: torch.Tensor, q_block_size: int,
+                    kv_block_size: int) -> "BlockSparseMask":
+        """Token pairs whose key's rank is at most its query's rank.
+
+        Ranks generalise causality: a token's position gives causal attention, its frame
+        (or block of frames) gives frame-causal attention in any token order. Blocks are
+        classified from each block's lowest and highest ranks; only blocks with both kinds
+        of pairs get token tiles (deduplicated), so the cost follows the number of such
+        blocks, not the sequence length squared.
+
+        Args:
+            q_rank: int (q_len,), kv_rank: int (kv_len,), host or device.
+        """
+        q_rank, kv_rank = q_rank.long().cpu(), kv_rank.long().cpu()
+        q_len, kv_len = q_rank.numel(), kv_rank.numel()
+        nqb, nkb = block_count(q_len, q_block_size), block_count(kv_len, kv_block_size)
+        # Pad by repeating the last rank: padding positions change no block's min or max.
+        qr = torch.cat([q_rank, q_rank[-1:].expand(nqb * q_block_size - q_len)]).view(nqb, q_block_size)
+        kr = torch.cat([kv_rank, kv_rank[-1:].expand(nkb * kv_block_size - kv_len)]).view(nkb, kv_block_size)
+        full = kr.amax(1)[None, :] <= qr.amin(1)[:, None]
+        empty = kr.amin(1)[None, :] > qr.amax(1)[:, None]
+        mixed = ~full & ~empty
+        i, j = mixed.nonzero(as_tuple=True)
+        if i.numel() == 0:
+            return cls.from_block_matrix(full, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
+                                         kv_block_size=kv_block_size)
+        tiles = kr[j][:, None, :] <= qr[i][:, :, None]  # (P, q_block_size, kv_block_size)
+        unique, inverse = torch.unique(tiles.flatten(1), dim=0, return_inverse=True)
+        tile_ids = torch.full((nqb, nkb), -1, dtype=torch.int32)
+        tile_ids[i, j] = inverse.to(torch.int32)
+        return cls.from_block_matrix(full | mixed, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
+                                     kv_block_size=kv_block_size, tile_ids=tile_ids,
+                                     tiles=unique.view(-1, q_block_size, kv_block_size))
+
     @staticmethod
     def _check_rows_nonempty(blocks: torch.Tensor) -> None:
         empty = ~blocks.any(-1)

@@ -62,6 +62,11 @@ class ModelAdapter:
         levels: for UNets, ``levels(unet) -> [downsample factors]`` of the resolution
             levels that hold patched attention; each layer's grid is the latent grid
             divided by its level's factor (found from its token count).
+        frame_causal: for models whose self-attention may receive a frame-causal block
+            mask (SkyReels-V2's diffusion forcing), ``frame_causal(config) -> latent frames
+            per causal block``: a mask passed to a patched layer is that one, and methods
+            intersect their own with it. None: a mask passed to video self-attention is
+            refused.
     """
 
     name: str
@@ -76,6 +81,7 @@ class ModelAdapter:
     latent_layout: LatentLayout = LatentLayout.CHANNELS_FIRST
     grid_reader: Optional[Callable[[torch.nn.Module, dict, dict], tuple[int, int, int]]] = None
     levels: Optional[Callable[[torch.nn.Module], list[int]]] = None
+    frame_causal: Optional[Callable[[object], int]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "text_layout", TextLayout(self.text_layout))

@@ -631,11 +631,19 @@ class SparseHandle:
                 f"sparsegen: layer '{route.module_name}' attends over {q.shape[1]} tokens but the latent grid "
                 f"{geometry.grid} has {nv}; this model variant is not supported by the '{self.adapter.name}' adapter"
             )
-        elif a.get("attn_mask") is not None:
-            raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask to video self-attention "
-                             f"(e.g. SkyReels-V2's diffusion forcing, whose frame-causal mask the sparse methods cannot "
-                             f"combine with theirs yet); keep these calls dense with dense_steps / dense_layers, or "
-                             f"run without the mask")
+        frame_causal = None
+        if layout == TextLayout.NONE and a.get("attn_mask") is not None:
+            if self.adapter.frame_causal is None:
+                raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask to video "
+                                 f"self-attention, which the '{self.adapter.name}' adapter does not know; keep these "
+                                 f"calls dense with dense_steps / dense_layers, or run without the mask")
+            if not self.method.has_static_mask:
+                raise ValueError(f"sparsegen: '{self.config.method}' cannot combine its per-call mask with the "
+                                 f"frame-causal mask of diffusion forcing ('{route.module_name}'); use radial or gna, "
+                                 f"or keep these calls dense with dense_steps / dense_layers")
+            # The mask the model passes is the one its config defines (read from the config,
+            # not from the device tensor).
+            frame_causal = self.adapter.frame_causal(self._transformers[self._current_transformer].config)
         # The step is handed only to methods that read it: a compiled model specializes on
         # what the call reads, and most methods do not depend on the step.
         uses_step = self.method.uses_step
@@ -643,6 +651,7 @@ class SparseHandle:
             geometry=geometry, layer=route.layer, num_layers=self._num_layers,
             step=self.step if uses_step else None, num_steps=self.num_steps if uses_step else None,
             head_offset=0, total_heads=q.shape[2], backend=cfg.backend, downsample=downsample, level=level,
+            frame_causal=frame_causal,
         )
         if self.method.runs_dense(call):
             self._record(1.0, sparse=False)

@@ -58,3 +58,73 @@ def test_they_are_listed():
     names = {m["name"]: m["pipelines"] for m in sparsegen.supported_models()}
     assert {"ltx_video", "mochi", "allegro", "skyreels_v2"} <= set(names)
     assert {"WanVACEPipeline", "WanAnimatePipeline"} <= set(names["wan"]) and "HunyuanVideoImageToVideoPipeline" in names["hunyuan_video"]
+
+
+def test_rank_causal_mask_matches_its_token_definition():
+    from sparsegen.kernels import BlockSparseMask
+
+    g = torch.Generator().manual_seed(0)
+    q_rank, kv_rank = torch.randint(0, 5, (97,), generator=g), torch.randint(0, 5, (83,), generator=g)
+    q_rank[0], kv_rank[0] = 4, 0  # every query block sees a key
+    mask = BlockSparseMask.rank_causal(q_rank=q_rank.sort().values, kv_rank=kv_rank.sort().values, q_block_size=16,
+                                       kv_block_size=32)
+    want = kv_rank.sort().values[None, :] <= q_rank.sort().values[:, None]
+    assert torch.equal(mask.to_dense()[0, 0], want)
+    assert 0 < mask.num_partial_blocks() < mask.num_visited_blocks()  # only straddling blocks carry tiles
+
+
+@pytest.mark.parametrize("method,options", [
+    ("radial", dict(block_size=16, decay_factor=1.0)),
+    ("gna", dict(kernel_size=(3, 3, 5), block_size=16)),
+    ("gna", dict(kernel_size=(3, 3, 3), block_size=16, tile=(1, 4, 4))),
+], ids=["radial", "gna", "gna-tiled"])
+def test_frame_causal_calls_attend_the_intersection_of_both_masks(method, options):
+    """The method's mask AND diffusion forcing's frame-causal one, against dense masked attention."""
+    from sparsegen.methods.base import AttentionCall, AttentionGeometry
+    from sparsegen.patching import make_config
+
+    m = make_config(method, **options).make_method()
+    g = AttentionGeometry(6, 8, 16)  # 128 tokens per frame (radial's band reaches other frames), blocks of 2 frames
+    q, k, v = torch.randn(3, 1, 768, 2, 16).unbind(0)
+    call = AttentionCall(geometry=g, frame_causal=2, backend="torch")
+    out, _ = m.attention(q, k, v, call)
+    plain, _ = m.attention(q, k, v, AttentionCall(geometry=g, backend="torch"))
+    # The method's own token-level mask, in the original token order.
+    mask = m.static_mask(g)
+    q_layout, kv_layout = m.token_layouts(g)
+    dense = mask.to_dense()[0, 0]
+    if q_layout is not None:
+        dense = dense[q_layout.inverse][:, kv_layout.inverse]
+    frame_block = torch.arange(768) // 256
+    allowed = dense & (frame_block[None, :] <= frame_block[:, None])
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 4.0
+    ref = torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~allowed, float("-inf")).softmax(-1), v.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(out, plain)  # the causal cut changed something
+    assert call.stats["density"] < m.static_mask(g).density()
+
+
+def test_skyreels_diffusion_forcing_runs_sparse_with_its_frame_causal_mask():
+    import diffusers
+
+    from tiny_models import TEXT_DIM
+
+    torch.manual_seed(0)
+    t = diffusers.SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, num_frame_per_block=2).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 6, 16, 16, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 6, TEXT_DIM, generator=g), return_dict=False)
+    with torch.no_grad():
+        ref = t(**inputs)[0]
+        # A window over the whole grid leaves only the frame-causal mask: the model's own output.
+        with sparsegen.apply(t, "gna", kernel_size=(6, 8, 8), block_size=16):
+            assert torch.allclose(t(**inputs)[0], ref, atol=2e-5, rtol=1e-4)
+        with sparsegen.apply(t, "radial", block_size=16, decay_factor=1.0) as handle:
+            out = t(**inputs)[0]
+            assert 0 < handle.step_densities()[0][1] < 1
+        assert torch.isfinite(out).all() and not torch.equal(out, ref)
+        with sparsegen.apply(t, "vmoba", **METHODS["vmoba"]), pytest.raises(ValueError, match="frame-causal mask"):
+            t(**inputs)

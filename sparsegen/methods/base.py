@@ -248,6 +248,9 @@ class AttentionCall:
         downsample: the resolution level's downsampling factor (UNets: 1 at the latent
             resolution, 2, 4, ...; 1 for DiTs), and level: its rank among the model's
             attention levels (0 = the highest resolution with attention).
+        frame_causal: when set, a query may attend only keys in its own block of this many
+            latent frames or in earlier ones (SkyReels-V2's diffusion forcing); methods
+            intersect their mask with it. None: bidirectional.
         stats: a dict the method may fill for reporting: ``density`` (visited blocks /
             all blocks) as a Python float or a 0-dim device tensor, never read back to
             the host during the call.
@@ -264,6 +267,7 @@ class AttentionCall:
     backend: Backend = Backend.AUTO
     downsample: int = 1
     level: int = 0
+    frame_causal: Optional[int] = None
     stats: dict = field(default_factory=dict)
 
 
@@ -345,6 +349,29 @@ class SparseAttentionMethod:
         """The block mask used for every call on ``geometry`` (methods with ``has_static_mask``)."""
         raise ValueError(f"method {self.config.method!r} has no static mask (it selects blocks per call from q "
                          "and k)")
+
+    def call_mask(self, geometry: AttentionGeometry, device, call: AttentionCall) -> tuple[BlockSparseMask, float]:
+        """(mask, density as a host float) for a call: the static mask, intersected with the
+        frame-causal pairs when ``call.frame_causal`` asks for them (built once per geometry)."""
+        mask = self.static_mask(geometry, device)
+        if call.frame_causal is None:
+            return mask, self.cached(("density", geometry, str(device)), mask.density)
+
+        def build():
+            q_layout, kv_layout = self.token_layouts(geometry, "cpu")
+            per_block = geometry.tokens_per_frame * call.frame_causal
+            n = geometry.num_tokens
+
+            def ranks(layout):  # frame block of each position of the mask's order (padding: the last)
+                src = torch.arange(n) if layout is None else layout.perm.clamp(max=n - 1)
+                return src // per_block
+
+            causal = BlockSparseMask.rank_causal(q_rank=ranks(q_layout), kv_rank=ranks(kv_layout),
+                                                 q_block_size=mask.q_block_size, kv_block_size=mask.kv_block_size)
+            both = self.static_mask(geometry, "cpu") & causal
+            return both.to(device), both.density()
+
+        return self.cached(("frame_causal", geometry, call.frame_causal, str(device)), build)
 
     def token_layouts(self, geometry: AttentionGeometry, device="cpu") -> tuple:
         """(query layout, key layout): the token permutations (``sparsegen.tiling.TokenPermutation``)

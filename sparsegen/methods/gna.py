@@ -200,9 +200,12 @@ class GNAMethod(SparseAttentionMethod):
             raise ValueError(f"q must be (batch, {g.num_tokens}, heads, head_dim) for geometry {g.grid}; "
                              f"got {tuple(q.shape)=}")
         lay, density = self._layout(g, q.device)
+        mask = lay.mask
+        if call.frame_causal is not None:
+            mask, density = self.call_mask(g, q.device, call)
         qp = lay.q_layout.apply(q)
         kp = lay.kv_layout.apply(k)
         vp = lay.kv_layout.apply(v)
-        out, lse = block_sparse_attention(qp, kp, vp, lay.mask, return_lse=True, backend=call.backend)
+        out, lse = block_sparse_attention(qp, kp, vp, mask, return_lse=True, backend=call.backend)
         call.stats["density"] = density
         return lay.q_layout.invert(out), lay.q_layout.invert(lse, dim=2)

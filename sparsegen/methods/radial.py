@@ -544,6 +544,6 @@ class RadialMethod(SparseAttentionMethod):
                 f"radial attention expects q of shape (batch, {g.num_tokens}, heads, head_dim) for geometry "
                 f"{g.grid}; got {tuple(q.shape)=}"
             )
-        mask, density = self._mask(g, q.device)
+        mask, density = self._mask(g, q.device) if call.frame_causal is None else self.call_mask(g, q.device, call)
         call.stats["density"] = density
         return block_sparse_attention(q, k, v, mask, return_lse=True, backend=call.backend)
