@@ -259,6 +259,7 @@ class SparseHandle:
         self.num_steps: Optional[int] = None
         self._step_is_dense = False
         self._counts_scheduler_steps = False
+        self._forwards_since_step = 0  # transformer forwards since the last scheduler step
         self._steps_given = False
         self._last_timestep: Optional[float] = None
         self._geometry: dict[int, AttentionGeometry] = {}
@@ -374,6 +375,7 @@ class SparseHandle:
             f, h, w = adapter.read_grid(mod, arguments, self._grid_cache)
             hs = arguments.get(adapter.hidden_states_arg)
             self._current_transformer = tidx
+            self._forwards_since_step += 1
             self._prepare(tidx, f, h, w, str(hs.device))
             if adapter.levels is not None:
                 self._prepare_levels(tidx, adapter.levels(mod), h, w, str(hs.device))
@@ -449,14 +451,18 @@ class SparseHandle:
         def wrap(name, after):
             original = getattr(sched, name)
             had_instance_attr = name in vars(sched)
+            own = vars(sched).get(name)
 
-            @functools.wraps(original)
-            def wrapper(*args, **kwargs):
-                result = original(*args, **kwargs)
+            def wrapper(receiver, *args, **kwargs):
+                # Bound to its scheduler, so a deepcopy of it (SkyReels-V2's diffusion forcing
+                # keeps one per frame) calls its own method and still reports the step.
+                method = own if own is not None and receiver is sched else getattr(type(receiver), name).__get__(receiver)
+                result = method(*args, **kwargs)
                 after()
                 return result
 
-            setattr(sched, name, wrapper)
+            functools.update_wrapper(wrapper, original)
+            setattr(sched, name, types.MethodType(wrapper, sched))
             self._scheduler_patches.append((sched, name, original if had_instance_attr else None))
 
         def new_generation():
@@ -464,9 +470,13 @@ class SparseHandle:
             ts = getattr(sched, "timesteps", None)
             self.reset_schedule(len(ts) if ts is not None else None)
             self._advance_to(0)
+            self._forwards_since_step = 0
 
         def next_step():
-            if self.step is not None:
+            # One step per denoising iteration even when several schedulers step after one
+            # forward (per-frame schedulers): only a step that follows a forward advances.
+            if self.step is not None and self._forwards_since_step:
+                self._forwards_since_step = 0
                 self._advance_to(self.step + 1)
 
         wrap("set_timesteps", new_generation)

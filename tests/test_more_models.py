@@ -128,3 +128,27 @@ def test_skyreels_diffusion_forcing_runs_sparse_with_its_frame_causal_mask():
         assert torch.isfinite(out).all() and not torch.equal(out, ref)
         with sparsegen.apply(t, "vmoba", **METHODS["vmoba"]), pytest.raises(ValueError, match="frame-causal mask"):
             t(**inputs)
+
+
+PIPELINES = {"ltx_video": "gna", "mochi": "agent", "allegro": "vmoba", "skyreels_v2": "radial", "skyreels_df": "gna"}
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_tiny_pipelines_dense_equal_sparse_runs_remove_restores(name):
+    """Whole pipelines (scheduler steps, CFG batch): the schedule's dense first step, then sparse."""
+    from tiny_models import run_pipeline, tiny_video_pipeline
+
+    pipe, kwargs = tiny_video_pipeline(name)
+    ref = run_pipeline(pipe, kwargs)
+    with sparsegen.apply(pipe, "dense"):
+        assert torch.equal(run_pipeline(pipe, kwargs), ref)
+    method = PIPELINES[name]
+    options = {**METHODS[method], "dense_steps": 1}
+    if method == "agent":
+        options["agent_steps"] = 1.0  # agents on every step (AgentSD's default stops at 40%)
+    with sparsegen.apply(pipe, method, **options) as handle:
+        out = run_pipeline(pipe, kwargs)
+        densities = handle.step_densities()
+    assert [s for s, _ in densities] == [0, 1] and densities[0][1] == 1.0 and 0 < densities[1][1] < 1, densities
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert torch.equal(run_pipeline(pipe, kwargs), ref)

@@ -262,8 +262,8 @@ def _build_tiny(name: str):
                        encoder_hidden_states=torch.randn(2, 6, TEXT_DIM, generator=g), timestep=torch.tensor([500, 500]),
                        encoder_attention_mask=valid, return_dict=False)
     if name == "allegro":
-        t = diffusers.AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
-                                                in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=32,
+        t = diffusers.AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=24,
+                                                in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=48,
                                                 caption_channels=32, sample_height=16, sample_width=16, sample_frames=5)
         return t, _video_inputs(g)
     if name == "skyreels_v2":
@@ -302,3 +302,49 @@ def _build_tiny(name: str):
                                              encoder_hidden_states=torch.randn(1, 8, TEXT_DIM, generator=g),
                                              return_dict=False)
     raise ValueError(f"no tiny model named {name!r}")
+
+
+def tiny_video_pipeline(name: str):
+    """(pipeline, call keyword arguments) of a short generation with a tiny transformer:
+    LTX-Video, Mochi and Allegro without a VAE (latents out), SkyReels-V2 text-to-video and
+    diffusion forcing (``skyreels_df``: frame-causal blocks of 2 latent frames) with the tiny
+    Wan VAE. Two steps, guidance 2 (a CFG batch)."""
+    import diffusers
+
+    def embeds(tokens: int = 6, seed: int = 1):
+        return torch.randn(1, tokens, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+    with_masks = dict(prompt_embeds=embeds(), prompt_attention_mask=torch.ones(1, 6), negative_prompt_embeds=embeds(seed=2),
+                      negative_prompt_attention_mask=torch.ones(1, 6))
+    common = dict(num_inference_steps=2, guidance_scale=2.0, output_type="latent")
+    if name == "ltx_video":
+        pipe = diffusers.LTXPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                     tokenizer=None, transformer=tiny_transformer_and_inputs(name)[0])
+        kw = dict(**with_masks, height=256, width=256, num_frames=17)  # 3 x 8 x 8 tokens
+    elif name == "mochi":
+        pipe = diffusers.MochiPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                                       text_encoder=None, tokenizer=None, transformer=tiny_transformer_and_inputs(name)[0])
+        kw = dict(**with_masks, height=128, width=128, num_frames=13)  # 3 x 8 x 8
+    elif name == "allegro":
+        pipe = diffusers.AllegroPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                         transformer=tiny_transformer_and_inputs(name)[0],
+                                         scheduler=diffusers.EulerAncestralDiscreteScheduler())
+        kw = dict(**with_masks, negative_prompt=None, height=128, width=128, num_frames=17)  # 5 x 8 x 8
+    elif name in ("skyreels_v2", "skyreels_df"):
+        df = name == "skyreels_df"
+        cls = diffusers.SkyReelsV2DiffusionForcingPipeline if df else diffusers.SkyReelsV2Pipeline
+        scheduler = diffusers.UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
+        pipe = cls(tokenizer=None, text_encoder=None, transformer=tiny_transformer_and_inputs("skyreels_v2")[0],
+                   vae=tiny_wan_vae(), scheduler=scheduler)
+        kw = dict(prompt_embeds=embeds(), negative_prompt_embeds=embeds(seed=2), height=128, width=128, num_frames=13)
+        if df:  # 4 latent frames in frame-causal blocks of 2
+            kw.update(prompt=None, base_num_frames=13, causal_block_size=2, ar_step=0)
+    else:
+        raise ValueError(f"no tiny pipeline named {name!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {**common, **kw}
+
+
+def run_pipeline(pipe, kwargs, seed: int = 0) -> torch.Tensor:
+    """The latents of ``pipe(**kwargs)`` from a fixed seed."""
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).frames
