@@ -84,3 +84,34 @@ def test_with_lora_weights_loaded_by_diffusers(tmp_path):
     pipe.load_lora_weights(str(tmp_path))
     assert not torch.equal(run_wan(pipe, **SIZE), base)  # the LoRA is live
     _check(pipe)
+
+
+@pytest.mark.parametrize("model,method", [
+    ("hunyuan_video", "gna"), ("cogvideox", "radial"), ("ltx_video", "vmoba"), ("flux", "gna"),
+    ("stable_diffusion", "gna"), ("mochi", "gna"), ("wan_vace", "radial"),
+])
+def test_a_lora_training_step_through_sparse_attention(model, method):
+    """peft LoRA on the attention projections; the loss's gradient reaches every LoRA matrix
+    through the sparse attention's backward (the length-extension recipe on other models)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    from tiny_models import tiny_transformer_and_inputs
+
+    options = {"gna": dict(kernel_size=(3, 5, 5), block_size=16), "radial": dict(block_size=16, decay_factor=1.0),
+               "vmoba": dict(temporal_block=1, spatial_block=(2, 4), spatiotemporal_block=(1, 4, 4), block_size=16,
+                             top_k=(2, 3, 4))}[method]
+    if model in ("flux", "stable_diffusion"):
+        options["kernel_size"] = (1, 5, 5)
+    t, inputs = tiny_transformer_and_inputs(model)
+    t.requires_grad_(False)
+    t.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    t.train()
+    with sparsegen.apply(t, method, **options) as handle:
+        handle.set_step(0, 1)
+        out = t(**inputs)[0]
+        out.square().mean().backward()
+        density = handle.step_densities()[0][1]
+    lora = [p for n, p in t.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+    assert sum(float(p.grad.abs().sum()) for p in lora) > 0 and 0 < density < 1
