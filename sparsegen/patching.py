@@ -376,7 +376,8 @@ class SparseHandle:
             hs = arguments.get(adapter.hidden_states_arg)
             self._current_transformer = tidx
             self._forwards_since_step += 1
-            self._prepare(tidx, f, h, w, str(hs.device))
+            causal = adapter.frame_causal(mod.config) if adapter.frame_causal is not None else 1
+            self._prepare(tidx, f, h, w, str(hs.device), causal)
             if adapter.levels is not None:
                 self._prepare_levels(tidx, adapter.levels(mod), h, w, str(hs.device))
             if self._geometry_errors:
@@ -389,8 +390,9 @@ class SparseHandle:
         self._hooks.append(transformer.register_forward_pre_hook(read_inputs, with_kwargs=True))
 
     @torch.compiler.assume_constant_result
-    def _prepare(self, tidx: int, frames: int, height: int, width: int, device: str) -> bool:
-        """Record the token grid and have the method build what it needs for it.
+    def _prepare(self, tidx: int, frames: int, height: int, width: int, device: str, frame_causal: int = 1) -> bool:
+        """Record the token grid and have the method build what it needs for it (with a
+        model's frame-causal blocks of ``frame_causal`` > 1 frames, the intersected mask too).
 
         Runs eagerly even while torch.compile traces the transformer (its result is a
         constant), so masks are built once per geometry outside any graph.
@@ -401,6 +403,9 @@ class SparseHandle:
             self._step_totals = torch.zeros(3, dtype=torch.float32, device=device)  # float64: not on every device
         if self.adapter.levels is None:
             self._prepare_geometry(geometry, device)
+            if frame_causal > 1 and self.method.has_static_mask and (geometry, device) in self._prepared:
+                self.method.call_mask(geometry, torch.device(device), AttentionCall(geometry=geometry,
+                                                                                    frame_causal=frame_causal))
         return True
 
     def _prepare_geometry(self, geometry: AttentionGeometry, device: str) -> None:
@@ -458,7 +463,8 @@ class SparseHandle:
                 # keeps one per frame) calls its own method and still reports the step.
                 method = own if own is not None and receiver is sched else getattr(type(receiver), name).__get__(receiver)
                 result = method(*args, **kwargs)
-                after()
+                if not self._removed:  # a copy may outlive the handle
+                    after()
                 return result
 
             functools.update_wrapper(wrapper, original)
@@ -648,7 +654,7 @@ class SparseHandle:
                                  f"self-attention, which the '{self.adapter.name}' adapter does not know; keep these "
                                  f"calls dense with dense_steps / dense_layers, or run without the mask")
             if not self.method.has_static_mask:
-                raise ValueError(f"sparsegen: '{self.config.method}' cannot combine its per-call mask with the "
+                raise ValueError(f"sparsegen: '{self.config.method}' cannot combine its mask (chosen per call or per head) with the "
                                  f"frame-causal mask of diffusion forcing ('{route.module_name}'); use radial or gna, "
                                  f"or keep these calls dense with dense_steps / dense_layers")
             # The mask the model passes is the one its config defines (read from the config,

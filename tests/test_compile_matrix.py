@@ -39,8 +39,8 @@ from tiny_models import tiny_transformer_and_inputs
 
 FULL = os.environ.get("SPARSEGEN_FULL_COMPILE_MATRIX", "") not in ("", "0")
 
-MODELS = ["wan", "hunyuan_video", "cogvideox", "ltx_video", "mochi", "allegro", "skyreels_v2", "wan_vace", "flux",
-          "stable_diffusion"]
+MODELS = ["wan", "hunyuan_video", "cogvideox", "ltx_video", "mochi", "allegro", "skyreels_v2", "skyreels_df", "wan_vace",
+          "flux", "stable_diffusion"]
 METHODS = {
     "dense": {},
     "radial": dict(block_size=16, decay_factor=1.0),
@@ -51,8 +51,9 @@ METHODS = {
     "paro": {},  # a plan is made for the model (see _options)
 }
 MODEL_OWN_BREAKS = {"mochi": 3}  # diffusers' Mochi processor: torch.nonzero on the text mask, per sample
-REFUSED = {("stable_diffusion", "paro"): "several token resolutions"}
-REGIONAL = {"wan", "hunyuan_video", "ltx_video", "skyreels_v2", "wan_vace", "flux", "stable_diffusion"}
+REFUSED = {("stable_diffusion", "paro"): "several token resolutions",
+           **{("skyreels_df", m): "frame-causal mask" for m in ("vmoba", "agent", "paro")}}
+REGIONAL = {"wan", "hunyuan_video", "ltx_video", "skyreels_v2", "skyreels_df", "wan_vace", "flux", "stable_diffusion"}
 
 
 def _adds_breaks(method: str, backend: str) -> bool:
@@ -134,7 +135,8 @@ if FULL:
 else:
     # Every model once, every method at least once in each mode.
     WHOLE = [("wan", "paro"), ("hunyuan_video", "gna"), ("cogvideox", "dense"), ("ltx_video", "agent"),
-             ("mochi", "radial"), ("allegro", "gna"), ("skyreels_v2", "radial"), ("wan_vace", "agent"),
+             ("mochi", "radial"), ("allegro", "gna"), ("skyreels_v2", "radial"), ("skyreels_df", "gna"),
+             ("wan_vace", "agent"),
              ("flux", "gna"), ("stable_diffusion", "agent")]
     REGION = [("wan", "radial"), ("wan", "paro"), ("flux", "agent"), ("stable_diffusion", "gna"),
               ("ltx_video", "dense"), ("skyreels_v2", "vmoba")]

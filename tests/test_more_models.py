@@ -105,18 +105,7 @@ def test_frame_causal_calls_attend_the_intersection_of_both_masks(method, option
 
 
 def test_skyreels_diffusion_forcing_runs_sparse_with_its_frame_causal_mask():
-    import diffusers
-
-    from tiny_models import TEXT_DIM
-
-    torch.manual_seed(0)
-    t = diffusers.SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32, num_frame_per_block=2).eval()
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 6, 16, 16, generator=g), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, 6, TEXT_DIM, generator=g), return_dict=False)
+    t, inputs = tiny_transformer_and_inputs("skyreels_df")
     with torch.no_grad():
         ref = t(**inputs)[0]
         # A window over the whole grid leaves only the frame-causal mask: the model's own output.

@@ -268,6 +268,9 @@ def _build_tiny(name: str):
         return t, _video_inputs(g)
     if name == "skyreels_v2":
         return diffusers.SkyReelsV2Transformer3DModel(**wan_like), _video_inputs(g)
+    if name == "skyreels_df":  # diffusion forcing: frame-causal blocks of 2 latent frames, 6 x 8 x 8 tokens
+        t = diffusers.SkyReelsV2Transformer3DModel(**wan_like, num_frame_per_block=2)
+        return t, dict(_video_inputs(g), hidden_states=torch.randn(1, 4, 6, 16, 16, generator=g))
     if name == "wan_vace":
         t = diffusers.WanVACETransformer3DModel(**wan_like, vace_layers=[0], vace_in_channels=8)
         return t, _video_inputs(g, control_hidden_states=torch.randn(1, 8, 5, 16, 16, generator=g))
