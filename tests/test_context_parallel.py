@@ -160,7 +160,7 @@ def _example_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                                   os.path.join(HERE, "..", "examples", "context_parallel.py"))
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    statuses = [example.main(["--method", "gna", "--frames", "9", "--steps", "3", "--check"]),
+    statuses = [example.main(["--method", "gna", "--frames", "9", "--steps", "3", "--dense-steps", "1", "--check"]),
                 example.main(["--method", "radial", "--frames", "9", "--steps", "2", "--check", "--atol", "-1"])]
     with open(os.path.join(out_dir, f"example{rank}.json"), "w") as f:
         json.dump(statuses, f)
@@ -176,3 +176,7 @@ def test_the_example_runs_on_two_processes_and_its_check_fails_on_mismatch(tmp_p
         # gna agrees with one process; an impossible tolerance (-1) must report a mismatch.
         assert json.loads((tmp_path / f"example{rank}.json").read_text()) == [0, 1], printed
     assert "gna with Ulysses x2 vs one process" in printed and "MISMATCH" in printed
+    # The gna run was sparse after its first step (a check of dense steps only would prove nothing).
+    densities = printed.split("gna: 9 frames, 3 steps on 2 processes; per-step attention density ")[1].split("\n")[0]
+    assert densities.startswith("[1.0, ") and all(0 < float(d) < 1 for d in densities.strip("[]").split(", ")[1:]), \
+        densities
