@@ -119,6 +119,9 @@ def _check(model, method, *, regional=False, backend="auto"):
         model, method, regional=regional, backend=backend)
     assert torch.equal(compiled, eager), (model, method, (compiled - eager).abs().max())
     assert density[-1] == eager_density[-1]  # statistics accumulate on the device inside the graph too
+    step, d = density[-1]
+    one_frame = model in ("flux", "stable_diffusion") and method == "radial"  # radial on one frame is dense
+    assert d == 1.0 if method == "dense" or one_frame else 0 < d < 1, (model, method, d)  # sparse calls happened
     own = MODEL_OWN_BREAKS.get(model, 0)
     if _adds_breaks(method, backend):
         assert breaks > own, (model, method, breaks)
