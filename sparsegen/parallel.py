@@ -4,7 +4,9 @@ Under Ulysses context parallelism each rank attends a slice of the heads over th
 sequence. With per-head sparsity (PARO's calibrated masks) the heads' work differs, and
 contiguous slices can leave one rank with most of it. The greedy assignment (db-SP's):
 heads sorted by work, heaviest first, each given to the least-loaded rank that still has
-room (every rank takes H / ranks heads).
+room (every rank takes H / ranks heads). When the heads' work is known only per call (VMoBA
+selects its blocks from q and k), :func:`greedy_head_assignment_tensor` computes the same
+assignment on the device, from the previous call's work, without a host read.
 
 Joint attention (text and video tokens in one sequence) is sharded per segment: diffusers
 splits the text and the video inputs separately, so after the all-to-all the gathered
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["greedy_head_assignment", "contiguous_head_assignment", "rank_imbalance", "joint_order"]
+import torch
+
+__all__ = ["greedy_head_assignment", "greedy_head_assignment_tensor", "contiguous_head_assignment",
+           "rank_imbalance", "rank_imbalance_tensor", "joint_order"]
 
 
 def contiguous_head_assignment(num_heads: int, ranks: int) -> list[list[int]]:
@@ -51,6 +56,41 @@ def rank_imbalance(work: Sequence[float], assignment: Sequence[Sequence[int]]) -
     loads = [sum(float(work[h]) for h in hs) for hs in assignment]
     mean = sum(loads) / len(loads)
     return max(loads) / mean if mean > 0 else 1.0
+
+
+def greedy_head_assignment_tensor(work: torch.Tensor, ranks: int) -> torch.Tensor:
+    """:func:`greedy_head_assignment` on the device: the same heads (ties broken the same way),
+    computed with device operations only, so nothing is read back to the host.
+
+    Args:
+        work: (H,) per head, its cost; H must divide by ``ranks``.
+    Returns:
+        long (ranks, H / ranks): row r holds rank r's heads, ascending.
+    """
+    num_heads = work.numel()
+    per = _per_rank(num_heads, ranks)
+    w = work.detach().reshape(-1).float()
+    heaviest_first = torch.argsort(-w, stable=True)
+    loads = w.new_zeros(ranks)
+    taken = torch.zeros(ranks, dtype=torch.long, device=w.device)
+    rank_of = torch.empty(num_heads, dtype=torch.long, device=w.device)
+    one = torch.ones(1, dtype=torch.long, device=w.device)
+    for i in range(num_heads):  # H small device steps; argmin returns the first (lowest) rank on ties
+        head = heaviest_first[i:i + 1]
+        r = torch.where(taken < per, loads, torch.inf).argmin().view(1)
+        rank_of.index_copy_(0, head, r)
+        loads.index_add_(0, r, w.index_select(0, head))
+        taken.index_add_(0, r, one)
+    heads = torch.arange(num_heads, device=w.device)
+    return torch.argsort(rank_of * num_heads + heads).view(ranks, per)
+
+
+def rank_imbalance_tensor(work: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """:func:`rank_imbalance` on the device: 0-dim max / mean of the ranks' summed ``work``
+    (H,) under ``assignment`` (ranks, H / ranks) long; 1.0 when there is no work."""
+    loads = work.detach().float()[assignment].sum(dim=1)
+    mean = loads.mean()
+    return torch.where(mean > 0, loads.max() / mean.clamp_min(torch.finfo(loads.dtype).tiny), 1.0)
 
 
 def _per_rank(num_heads: int, ranks: int) -> int:

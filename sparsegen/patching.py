@@ -38,7 +38,8 @@ from typing import Any, Optional, Union
 import torch
 
 from .joint import sparse_self_attention
-from .parallel import contiguous_head_assignment, greedy_head_assignment, joint_order, rank_imbalance
+from .parallel import (contiguous_head_assignment, greedy_head_assignment, greedy_head_assignment_tensor, joint_order,
+                       rank_imbalance, rank_imbalance_tensor)
 from .methods import MethodConfig, SparseAttentionMethod, config_class
 from .methods.base import AttentionCall, AttentionGeometry
 from .patches import ModelAdapter, TextLayout, adapter_for
@@ -241,6 +242,11 @@ class SparseHandle:
         step_stats: per finished step, {"step", "density_sum", "sparse_calls",
             "dense_calls"} as 0-dim device tensors (read them with :meth:`step_densities`,
             or ``float``/``int`` them yourself between steps), plus the step in progress.
+        parallel_stats: under context parallelism, per layer: ``ranks`` and ``imbalance``
+            (max / mean of the ranks' visited blocks); Ulysses adds ``imbalance_contiguous``
+            and ``heads_per_rank`` (host values when the per-head work is known on the host,
+            e.g. PARO's plan; device tensors plus ``head_work`` (H,) when it is known only
+            per call, e.g. VMoBA), ring adds ``rank_blocks`` (per rank's query shard).
     """
 
     def __init__(self, target, method: SparseAttentionMethod):
@@ -267,9 +273,9 @@ class SparseHandle:
         self._geometry_errors: dict = {}  # geometries the method refused: raised only before a sparse call
         self._attributes: list[tuple[str, torch.nn.Module]] = []  # (pipeline attribute, transformer patched)
         self.detached = False
-        # Under Ulysses, per layer with per-head sparsity: {"ranks", "imbalance_contiguous",
-        # "imbalance" (max / mean of the ranks' visited blocks), "heads_per_rank"} (host values).
+        # Context parallelism's per-rank work, per layer (see the README's "Load balance").
         self.parallel_stats: dict[int, dict] = {}
+        self._call_work: dict[int, torch.Tensor] = {}  # Ulysses: per layer, the last call's (H,) head work
         # (head order, device) and joint segment maps -> (permutation, inverse) on the device
         self._head_orders: dict = {}
         self._levels: dict[int, dict] = {}  # UNets: per transformer, token count -> (geometry, downsample, rank)
@@ -715,25 +721,31 @@ class SparseHandle:
                 step=self.step if uses_step else None, num_steps=self.num_steps if uses_step else None,
                 head_offset=rank * heads, total_heads=q.shape[2], backend=self.config.backend, head_indices=indices)
 
-        # Per-rank work of per-head sparsity (host values), and the balanced assignment if asked.
+        # Heads per rank: per-head work known on the host (static per-head masks) decides it
+        # for this call; work known only per call (reports_head_work) is gathered after the
+        # call, and the balanced assignment follows this layer's previous call, on the device.
         work = method.head_work(geometry, make_call())
+        indices, head_order = None, None  # host head indices of this rank; device (order, inverse)
         if work is not None:
             chosen = greedy_head_assignment(work, world) if self.config.balance_heads else assignment
             self.parallel_stats[route.layer] = {
                 "ranks": world, "imbalance_contiguous": rank_imbalance(work, assignment),
                 "imbalance": rank_imbalance(work, chosen), "heads_per_rank": chosen}
-            assignment = chosen
-        indices = tuple(assignment[rank])
-        order = [h for hs in assignment for h in hs]
-        permuted = order != list(range(q.shape[2]))
-        if permuted:  # rank r's contiguous slice after the all-to-all holds assignment[r]
-            key = (tuple(order), str(q.device))
-            if key not in self._head_orders:  # copied to the device once per assignment
-                self._head_orders[key] = (torch.tensor(order, device=q.device),
-                                          torch.argsort(torch.tensor(order)).to(q.device))
-            perm, inverse = self._head_orders[key]
+            order = [h for hs in chosen for h in hs]
+            if order != list(range(q.shape[2])):
+                indices = tuple(chosen[rank])
+                key = (tuple(order), str(q.device))
+                if key not in self._head_orders:  # copied to the device once per assignment
+                    self._head_orders[key] = (torch.tensor(order, device=q.device),
+                                              torch.argsort(torch.tensor(order)).to(q.device))
+                head_order = self._head_orders[key]
+        elif method.reports_head_work and self.config.balance_heads and route.layer in self._call_work:
+            order = greedy_head_assignment_tensor(self._call_work[route.layer], world).reshape(-1)
+            head_order = (order, torch.argsort(order))
+        permuted = head_order is not None
+        if permuted:  # rank r's contiguous slice after the all-to-all holds heads order[r*H/world:]
             for name in ("query", "key", "value"):
-                a[name] = a[name].index_select(2, perm)
+                a[name] = a[name].index_select(2, head_order[0])
 
         calls = []
         nv = geometry.num_tokens
@@ -756,23 +768,47 @@ class SparseHandle:
                        enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
             if _save_ctx:
                 ctx.save_for_backward(query, key, value)
-            call = make_call(indices if permuted else None)
+            call = make_call(indices)
             calls.append(call)
             return attend(query, key, value, call)
 
         def backward_op(ctx, grad_out, *args, **kwargs):
             query, key, value = (t.detach().requires_grad_() for t in ctx.saved_tensors)
             with torch.enable_grad():
-                out = attend(query, key, value, make_call(indices if permuted else None))
+                out = attend(query, key, value, make_call(indices))
                 return torch.autograd.grad(out, (query, key, value), grad_out)
 
         out = _templated_context_parallel_attention(
             a["query"], a["key"], a["value"], None, 0.0, False, a.get("scale"), False, False,
             forward_op=forward_op, backward_op=backward_op, _parallel_config=a["parallel_config"])
         if permuted:
-            out = out.index_select(2, inverse)
+            out = out.index_select(2, head_order[1])
+        if calls and "head_blocks" in calls[-1].stats and method.reports_head_work:
+            self._gather_head_work(route.layer, calls[-1].stats["head_blocks"], cp, head_order)
         self._record(calls[-1].stats.get("density", 1.0) if calls else 1.0, sparse=True)
         return out
+
+    def _gather_head_work(self, layer: int, local: torch.Tensor, cp, head_order) -> None:
+        """Gather the Ulysses ranks' per-head work of a call (device values, no host read)
+        into ``parallel_stats[layer]`` and keep it for the next call's balanced assignment.
+
+        Args:
+            local: (H / ranks,) this rank's heads' work, in the order the rank held them.
+            head_order: None (contiguous slices) or the device (order, inverse) used.
+        """
+        from torch.distributed import _functional_collectives as funcol
+
+        world = cp.ulysses_degree
+        gathered = funcol.all_gather_single(local.detach().float().contiguous(), gather_dim=0,
+                                            group=cp._ulysses_mesh.get_group())
+        gathered = funcol.wait_tensor(gathered)  # (H,): slot s of the gathered heads held head order[s]
+        heads = torch.arange(gathered.numel(), device=gathered.device)
+        work = gathered if head_order is None else gathered.index_select(0, head_order[1])
+        used = (heads if head_order is None else head_order[0]).view(world, -1)
+        self._call_work[layer] = work
+        self.parallel_stats[layer] = {
+            "ranks": world, "imbalance_contiguous": rank_imbalance_tensor(work, heads.view(world, -1)),
+            "imbalance": rank_imbalance_tensor(work, used), "heads_per_rank": used, "head_work": work}
 
     def _attend_ring(self, route: _Route, a: dict, cp) -> torch.Tensor:
         """Sparse attention under diffusers' ring context parallelism.
@@ -808,13 +844,16 @@ class SparseHandle:
         if q.shape[1] * world != geometry.num_tokens:
             raise ValueError(f"sparsegen: {q.shape[1]} tokens per rank x ring_degree={world} is not the latent "
                              f"grid's {geometry.num_tokens} tokens {geometry.grid}")
-        keys = funcol.all_gather_tensor_autograd(k.contiguous(), gather_dim=1, group=group)
-        values = funcol.all_gather_tensor_autograd(v.contiguous(), gather_dim=1, group=group)
+        keys = funcol.all_gather_single_autograd(k.contiguous(), gather_dim=1, group=group)
+        values = funcol.all_gather_single_autograd(v.contiguous(), gather_dim=1, group=group)
         call = AttentionCall(
             geometry=geometry, layer=route.layer, num_layers=self._num_layers,
             step=self.step if method.uses_step else None, num_steps=self.num_steps if method.uses_step else None,
             head_offset=0, total_heads=q.shape[2], backend=self.config.backend)
         out, _ = method.shard_attention(q, keys, values, call, start=rank * q.shape[1])
+        loads = method.shard_work(geometry, world)  # host values from the static mask, cached
+        self.parallel_stats[route.layer] = {"ranks": world, "rank_blocks": loads,
+                                            "imbalance": max(loads) * world / max(sum(loads), 1)}
         self._record(call.stats.get("density", 1.0), sparse=True)
         return out
 

@@ -112,12 +112,32 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             stats = handle.parallel_stats[0]
         results[f"paro-balance-{balance}"] = [(out4 - ref4).abs().max().item(), stats["imbalance_contiguous"],
                                               stats["imbalance"], stats["heads_per_rank"]]
+    # VMoBA selects its blocks per call, so its heads' work is known only after a call: the
+    # ranks gather it on the device, and balance_heads gives the next call's heads from it.
+    torch.manual_seed(0)
+    t4v = tiny_wan_transformer(layers=1, heads=4)
+    with torch.no_grad():  # heads 2, 3 get zero queries: equal block scores, so they visit every block
+        to_q = t4v.blocks[0].attn1.to_q
+        to_q.weight[to_q.weight.shape[0] // 2:] = 0
+        to_q.bias[to_q.bias.shape[0] // 2:] = 0
+    vmoba = dict(CASES["vmoba"], selection="threshold", threshold=0.3)
+    with sparsegen.apply(t4v, "vmoba", **vmoba):
+        ref4v = t4v(**inputs)[0]
+    t4v.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    with sparsegen.apply(t4v, "vmoba", balance_heads=True, **vmoba) as handle:
+        for call in ("first", "second"):
+            err = (t4v(**inputs)[0] - ref4v).abs().max().item()
+            stats = {k: v.tolist() if torch.is_tensor(v) else v for k, v in handle.parallel_stats[0].items()}
+            results[f"vmoba-balance-{call}"] = dict(stats, err=err)
     # Ring attention: each rank holds a query shard; static masks (radial, GNA) run the rank's
     # rows against the gathered keys. Methods that need the whole sequence are refused.
     torch.manual_seed(0)
     ring = tiny_wan_transformer(layers=2)
     ring_cases = {"radial": CASES["radial"], "gna": CASES["gna"]}  # (dense: diffusers needs an LSE backend)
     results.update({f"ring-{name}": r for name, r in _one_vs_parallel(ring, inputs, ring_cases, world, "ring").items()})
+    with sparsegen.apply(ring, "gna", **CASES["gna"]) as handle:
+        ring(**inputs)
+        results["ring-stats"] = handle.parallel_stats[1]
     with sparsegen.apply(ring, "vmoba", **CASES["vmoba"]):
         try:
             ring(**inputs)
@@ -132,6 +152,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_ulysses_and_ring_two_processes_equal_one(tmp_path):
     import torch.multiprocessing as mp
 
+    from sparsegen.methods.base import AttentionGeometry
+    from sparsegen.parallel import greedy_head_assignment
+    from sparsegen.patching import make_config
+
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -140,6 +164,17 @@ def test_ulysses_and_ring_two_processes_equal_one(tmp_path):
         assert err <= 1e-5 and contiguous == imbalance > 1.8 and heads == [[0, 1], [2, 3]]
         err, contiguous, imbalance, heads = results.pop("paro-balance-True")
         assert err <= 1e-5 and contiguous > 1.8 and imbalance == 1.0 and heads == [[0, 2], [1, 3]]
+        first, second = results.pop("vmoba-balance-first"), results.pop("vmoba-balance-second")
+        assert first["err"] <= 1e-5 and second["err"] <= 1e-5, (first, second)
+        assert first["heads_per_rank"] == [[0, 1], [2, 3]]  # no earlier call: contiguous slices
+        assert first["imbalance"] == first["imbalance_contiguous"] > 1.0
+        assert second["head_work"] == first["head_work"]  # the same inputs select the same blocks
+        assert second["heads_per_rank"] == greedy_head_assignment(first["head_work"], 2) != [[0, 1], [2, 3]]
+        assert first["imbalance_contiguous"] > 1.2 and second["imbalance"] < 1.05, (first, second)
+        ring_stats = results.pop("ring-stats")
+        gna = make_config("gna", **CASES["gna"]).make_method()
+        work = gna.shard_work(AttentionGeometry(5, 8, 8), 2)
+        assert ring_stats == {"ranks": 2, "rank_blocks": work, "imbalance": max(work) * 2 / sum(work)}
         assert set(results) == {*CASES, "paro", "flux-dense", "flux-gna", "flux-vmoba", "flux-agent",
                                 "ring-radial", "ring-gna"}
         for name, (out_err, grad_err, density) in results.items():

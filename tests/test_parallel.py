@@ -17,6 +17,26 @@ def test_greedy_assignment_evens_the_ranks():
     assert greedy_head_assignment([1, 1, 1, 1], 4) == [[0], [1], [2], [3]]
 
 
+def test_device_greedy_assignment_equals_the_host_one():
+    import random
+
+    import torch
+
+    from sparsegen.parallel import greedy_head_assignment_tensor, rank_imbalance_tensor
+
+    rng = random.Random(0)
+    for _ in range(200):  # small integer work: many ties, broken the same way on both sides
+        ranks = rng.choice([1, 2, 3, 4])
+        work = [rng.randint(0, 5) for _ in range(ranks * rng.randint(1, 6))]
+        on_device = greedy_head_assignment_tensor(torch.tensor(work, dtype=torch.float32), ranks)
+        assert on_device.tolist() == greedy_head_assignment(work, ranks), work
+        assert rank_imbalance_tensor(torch.tensor(work), on_device).item() == pytest.approx(
+            rank_imbalance(work, on_device.tolist()))
+    assert rank_imbalance_tensor(torch.zeros(4), torch.tensor([[0, 1], [2, 3]])).item() == 1.0
+    with pytest.raises(ValueError, match="do not split evenly"):
+        greedy_head_assignment_tensor(torch.ones(3), 2)
+
+
 def test_heads_must_split_evenly():
     with pytest.raises(ValueError, match="do not split evenly"):
         greedy_head_assignment([1, 2, 3], 2)
@@ -82,3 +102,36 @@ def test_methods_without_a_static_mask_refuse_query_shards():
                       backend="torch")
     with pytest.raises(ValueError, match="cannot run on a shard of the queries"):
         m.shard_attention(q[:, :16], q, q, c, start=0)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("radial", dict(block_size=16, decay_factor=1.0)),
+    ("gna", dict(kernel_size=(3, 3, 3), block_size=16, tile=(1, 4, 4), is_causal=(True, False, False))),
+], ids=["radial", "gna-causal"])
+def test_shard_work_counts_the_blocks_each_query_shard_computes(method, options):
+    import torch
+
+    from sparsegen.patching import make_config
+    from sparsegen.methods.base import AttentionGeometry
+
+    m = make_config(method, **options).make_method()
+    g = AttentionGeometry(5, 8, 8)  # 320 tokens, 20 query blocks of 16; shards cut frames and tiles
+    mask = m.static_mask(g)
+    per_block = mask.kv_num_blocks.sum(dim=(0, 1))
+    layout = m.token_layouts(g)[0]
+    # Token held at each row of the mask's query order (the identity without a layout).
+    row_token = torch.arange(mask.q_len) if layout is None else layout.perm
+    assert sum(m.shard_work(g, 1)) == int(per_block.sum())
+    for shards in (2, 4, 5):
+        n = 320 // shards
+        expected = []
+        for r in range(shards):
+            rows = row_token.view(-1, 16)  # (query blocks, 16): a block is computed if it holds a shard token
+            holds = ((rows >= r * n) & (rows < (r + 1) * n)).any(dim=1)
+            expected.append(int(per_block[holds].sum()))
+        assert m.shard_work(g, shards) == expected, shards
+    if method == "gna":  # causal in time: the last frames' shards visit more blocks than the first's
+        work = m.shard_work(g, 5)
+        assert work[0] < work[-1]
+    with pytest.raises(ValueError, match="do not split into 3 equal shards"):
+        m.shard_work(g, 3)

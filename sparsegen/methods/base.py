@@ -304,6 +304,11 @@ class SparseAttentionMethod:
     # of joint attention itself, returning (out, None); otherwise sparsegen.joint merges
     # the method's (out, lse) with a dense attention over the text keys.
     attends_text: ClassVar[bool] = False
+    # Whether ``attention`` puts its per-head work of this call in ``call.stats["head_blocks"]``
+    # ((H,) visited blocks on the device; it varies per call, e.g. VMoBA's selection). Such a
+    # method must not depend on which heads it is given: head-parallel execution balances
+    # the ranks with the previous call's work by handing them other heads.
+    reports_head_work: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -405,13 +410,10 @@ class SparseAttentionMethod:
             raise ValueError(f"a query shard [{start}, {start + nq}) against {k.shape[1]} keys does not fit the grid "
                              f"{g.grid} ({n} tokens)")
         mask = self.static_mask(g, q.device)
-        q_layout, kv_layout = self.token_layouts(g, q.device)
+        kv_layout = self.token_layouts(g, q.device)[1]
 
         def plan():
-            tokens = torch.arange(start, start + nq)
-            pos = tokens if q_layout is None else q_layout.inverse[tokens]  # position in the mask's query order
-            blocks, slot_block = torch.unique(pos // mask.q_block_size, sorted=True, return_inverse=True)
-            slots = slot_block * mask.q_block_size + pos % mask.q_block_size
+            blocks, slots = self._shard_query_blocks(g, start, nq)
             return mask.query_blocks(blocks), slots.to(q.device), mask.density()
 
         sub, slots, density = self.cached(("shard", g, start, nq, str(q.device)), plan)
@@ -422,6 +424,35 @@ class SparseAttentionMethod:
         out, lse = block_sparse_attention(q_sub, k, v, sub, return_lse=True, backend=call.backend)
         call.stats["density"] = density  # of the whole mask (a host value, read once per shard)
         return out.index_select(1, slots), lse.index_select(2, slots)
+
+    def _shard_query_blocks(self, geometry: AttentionGeometry, start: int, nq: int) -> tuple:
+        """(blocks, slots) host tensors: the static mask's query blocks holding tokens
+        ``[start, start + nq)``, ascending, and each token's row in those blocks laid end to end."""
+        mask = self.static_mask(geometry, "cpu")
+        q_layout = self.token_layouts(geometry, "cpu")[0]
+        tokens = torch.arange(start, start + nq)
+        pos = tokens if q_layout is None else q_layout.inverse[tokens]  # position in the mask's query order
+        blocks, slot_block = torch.unique(pos // mask.q_block_size, sorted=True, return_inverse=True)
+        return blocks, slot_block * mask.q_block_size + pos % mask.q_block_size
+
+    def shard_work(self, geometry: AttentionGeometry, shards: int) -> list[int]:
+        """Per contiguous query shard (``shards`` equal ones, as ring attention splits the
+        sequence), the visited blocks of the query blocks it computes (summed over heads):
+        host values from the static mask's CPU copy, cached per geometry.
+
+        Raises:
+            ValueError: no static mask, or the tokens do not split evenly.
+        """
+        n = geometry.num_tokens
+        if n % shards:
+            raise ValueError(f"{n} tokens {geometry.grid} do not split into {shards} equal shards")
+
+        def count():
+            visits = self.static_mask(geometry, "cpu").kv_num_blocks.sum(dim=(0, 1))  # per query block
+            return [int(visits[self._shard_query_blocks(geometry, r * (n // shards), n // shards)[0]].sum())
+                    for r in range(shards)]
+
+        return self.cached(("shard_work", geometry, shards), count)
 
     def attended_pairs(self, geometry: AttentionGeometry) -> Optional[int]:
         """(query, key) token pairs attended per batch element and head, when the static

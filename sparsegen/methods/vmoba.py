@@ -577,6 +577,7 @@ def _attend(part: VMoBAPartition, q, k, v, layer: int, config: VMoBAConfig, back
         stats["density"] = mask.kv_num_blocks.sum(dtype=torch.float32) / (b * h * qb * kb)
         stats["token_density"] = pairs / (selected.shape[0] * selected.shape[1])
         stats["blocks"] = part.num_blocks
+        stats["head_blocks"] = mask.kv_num_blocks.sum(dim=(0, 2), dtype=torch.float32)  # (H,) this call's work
     return perm.invert(out), perm.invert(lse, dim=2)
 
 
@@ -608,6 +609,7 @@ class VMoBAMethod(SparseAttentionMethod):
     block selection runs on every call."""
 
     config_cls = VMoBAConfig
+    reports_head_work = True
 
     def partition_for(self, geometry: AttentionGeometry, layer: int, device="cpu") -> VMoBAPartition:
         """The (cached) partition of layer ``layer`` on ``geometry``."""
@@ -636,8 +638,9 @@ class VMoBAMethod(SparseAttentionMethod):
             q, k, v: (B, N, H, D), N = call.geometry.num_tokens, row-major (frame, row, column).
         Returns:
             out (B, N, H, D) and lse fp32 (B, H, N). ``call.stats`` gets ``density`` (visited
-            kernel blocks, padding included), ``token_density`` (attended token pairs) and
-            ``blocks`` (partition blocks of the layer).
+            kernel blocks, padding included), ``token_density`` (attended token pairs),
+            ``blocks`` (partition blocks of the layer) and ``head_blocks`` ((H,) visited
+            blocks per head).
         """
         g = call.geometry
         if q.dim() != 4 or q.shape[1] != g.num_tokens:
