@@ -27,10 +27,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_vs_parallel(model, inputs, cases, world, kind="ulysses") -> dict:
-    """Per method: (max |output - one process|, max |summed input gradient - one process|,
-    density) of ``model`` under context parallelism of ``kind`` ("ulysses" or "ring") over
-    ``world`` ranks."""
+def _one_vs_parallel(model, inputs, cases, world, kind="ulysses", backward=True) -> dict:
+    """Per method: (max |output - one process|, max |summed input gradient - one process|
+    (0 without ``backward``), density) of ``model`` under context parallelism of ``kind``
+    ("ulysses" or "ring") over ``world`` ranks."""
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
@@ -38,10 +38,11 @@ def _one_vs_parallel(model, inputs, cases, world, kind="ulysses") -> dict:
 
     def run(name, options):
         with sparsegen.apply(model, name, **options) as handle:
-            x = inputs["hidden_states"].clone().requires_grad_()
+            x = inputs["hidden_states"].clone().requires_grad_(backward)
             out = model(**{**inputs, "hidden_states": x})[0]
-            out.square().sum().backward()
-            return out.detach(), x.grad.detach(), handle.step_densities()[0][1]
+            if backward:
+                out.square().sum().backward()
+            return out.detach(), x.grad.detach() if backward else torch.zeros(()), handle.step_densities()[0][1]
 
     single = {name: run(name, options) for name, options in cases.items()}
     model.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": world}))
@@ -94,6 +95,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     flux_cases = {"dense": {}, "gna": dict(kernel_size=(1, 5, 5), block_size=16), "vmoba": CASES["vmoba"],
                   "agent": CASES["agent"]}
     results.update({f"flux-{name}": r for name, r in _one_vs_parallel(flux, flux_inputs, flux_cases, world).items()})
+    # LTX-Video: video-only self-attention, the grid read from the forward's arguments. (Diffusers'
+    # own Ulysses fails on LTX's text cross-attention, without sparsegen too: in the forward when
+    # an encoder_attention_mask is passed, in the backward always; so: unmasked text, forward.)
+    ltx, ltx_inputs = tiny_transformer_and_inputs("ltx_video")
+    ltx_inputs = dict(ltx_inputs, encoder_hidden_states=ltx_inputs["encoder_hidden_states"][:, :4],
+                      encoder_attention_mask=None)
+    ltx_cases = {"dense": {}, "radial": CASES["radial"], "gna": CASES["gna"]}
+    results.update({f"ltx-{name}": r for name, r in _one_vs_parallel(ltx, ltx_inputs, ltx_cases, world,
+                                                                                 backward=False).items()})
     # PARO with uneven heads (0 and 1 visit every block, 2 and 3 only the diagonal): contiguous
     # slices put all the work on rank 0; balance_heads gives each rank one heavy, one light head.
     torch.manual_seed(0)
@@ -176,6 +186,7 @@ def test_ulysses_and_ring_two_processes_equal_one(tmp_path):
         work = gna.shard_work(AttentionGeometry(5, 8, 8), 2)
         assert ring_stats == {"ranks": 2, "rank_blocks": work, "imbalance": max(work) * 2 / sum(work)}
         assert set(results) == {*CASES, "paro", "flux-dense", "flux-gna", "flux-vmoba", "flux-agent",
+                                "ltx-dense", "ltx-radial", "ltx-gna",
                                 "ring-radial", "ring-gna"}
         for name, (out_err, grad_err, density) in results.items():
             assert out_err <= 1e-5, (rank, name, out_err)
