@@ -70,6 +70,31 @@ def test_model_cpu_offload_after_apply():
         assert torch.equal(run_wan(pipe, **SIZE), ref)
 
 
+@pytest.mark.parametrize("kind,apply_first", [("leaf_level", True), ("block_level", False)])
+def test_group_offload(kind, apply_first):
+    # Diffusers' group offloading (leaf level: each leaf module's weights moved in for its own
+    # forward, as sequential offloading does; block level: one block at a time), enabled before
+    # or after apply. The execution device is the CPU itself here (no accelerator).
+    pipe = tiny_wan_pipeline()
+    with sparsegen.apply(pipe, "gna", **GNA):
+        sparse = run_wan(pipe, **SIZE)
+    ref = run_wan(pipe, **SIZE)
+
+    def offload():
+        pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                              offload_type=kind, **({"num_blocks_per_group": 1}
+                                                                    if kind == "block_level" else {}))
+    if not apply_first:
+        offload()
+    handle = sparsegen.apply(pipe, "gna", **GNA)
+    if apply_first:
+        offload()
+    assert torch.equal(run_wan(pipe, **SIZE), sparse)
+    assert all(0 < d < 1 for _, d in handle.step_densities())
+    handle.remove()
+    assert torch.equal(run_wan(pipe, **SIZE), ref)
+
+
 def test_with_lora_weights_loaded_by_diffusers(tmp_path):
     pytest.importorskip("peft")
     from peft import LoraConfig
