@@ -1,5 +1,5 @@
 """The plugin next to what users already do with a pipeline: a dtype move after apply, a
-LoRA adapter loaded, diffusers' attention backend chosen. Dense through the plugin gives
+LoRA adapter loaded, diffusers' attention backend chosen, offloading, a LoRA training step. Dense through the plugin gives
 the same output as without it; sparse runs."""
 
 import pytest
@@ -93,6 +93,21 @@ def test_group_offload(kind, apply_first):
     assert all(0 < d < 1 for _, d in handle.step_densities())
     handle.remove()
     assert torch.equal(run_wan(pipe, **SIZE), ref)
+
+
+@pytest.mark.parametrize("model", ["wan", "hunyuan_video", "cogvideox", "ltx_video", "mochi", "allegro", "skyreels_v2",
+                                   "skyreels_df", "wan_vace", "wan_animate", "flux", "stable_diffusion"])
+def test_leaf_group_offload_every_model(model):
+    from tiny_models import tiny_transformer_and_inputs
+
+    transformer, inputs = tiny_transformer_and_inputs(model)
+    with torch.no_grad(), sparsegen.apply(transformer, "gna", **GNA):
+        sparse = transformer(**inputs)[0]
+    transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                     offload_type="leaf_level")
+    with torch.no_grad(), sparsegen.apply(transformer, "gna", **GNA) as handle:
+        assert torch.equal(transformer(**inputs)[0], sparse)
+        assert 0 < handle.step_densities()[0][1] < 1
 
 
 def test_with_lora_weights_loaded_by_diffusers(tmp_path):
