@@ -206,8 +206,9 @@ def _example_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                                   os.path.join(HERE, "..", "examples", "context_parallel.py"))
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    statuses = [example.main(["--method", "gna", "--frames", "9", "--steps", "3", "--dense-steps", "1", "--check"]),
-                example.main(["--method", "radial", "--frames", "9", "--steps", "2", "--check", "--atol", "-1"])]
+    statuses = [example.main(["--method", method, "--frames", "9", "--steps", "2", "--dense-steps", "1", "--check"])
+                for method in ("radial", "gna", "vmoba")]
+    statuses.append(example.main(["--method", "radial", "--frames", "9", "--steps", "1", "--check", "--atol", "-1"]))
     with open(os.path.join(out_dir, f"example{rank}.json"), "w") as f:
         json.dump(statuses, f)
     dist.destroy_process_group()
@@ -219,10 +220,12 @@ def test_the_example_runs_on_two_processes_and_its_check_fails_on_mismatch(tmp_p
     mp.spawn(_example_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     printed = capfd.readouterr().out
     for rank in range(2):
-        # gna agrees with one process; an impossible tolerance (-1) must report a mismatch.
-        assert json.loads((tmp_path / f"example{rank}.json").read_text()) == [0, 1], printed
-    assert "gna with Ulysses x2 vs one process" in printed and "MISMATCH" in printed
-    # The gna run was sparse after its first step (a check of dense steps only would prove nothing).
-    densities = printed.split("gna: 9 frames, 3 steps on 2 processes; per-step attention density ")[1].split("\n")[0]
-    assert densities.startswith("[1.0, ") and all(0 < float(d) < 1 for d in densities.strip("[]").split(", ")[1:]), \
-        densities
+        # radial, GNA and VMoBA agree with one process; an impossible tolerance (-1) must report a mismatch.
+        assert json.loads((tmp_path / f"example{rank}.json").read_text()) == [0, 0, 0, 1], printed
+    assert "MISMATCH" in printed
+    for method in ("radial", "gna", "vmoba"):
+        assert f"{method} with Ulysses x2 vs one process" in printed
+        # Sparse after its first step (a check of dense steps only would prove nothing).
+        densities = printed.split(f"{method}: 9 frames, 2 steps on 2 processes; per-step attention density ")[1]
+        densities = densities.split("\n")[0]
+        assert densities.startswith("[1.0, ") and 0 < float(densities.strip("[]").split(", ")[1]) < 1, densities
