@@ -115,10 +115,23 @@ def reorder_tokens(x: torch.Tensor, *, grid: Sequence[int], order: Union[str, Se
     return x.reshape(b, n * h, d).index_select(1, rows).view(b, n, h, d)
 
 
-@lru_cache(maxsize=256)
+_DEVICE_TABLES: dict = {}  # (table, args, device) -> index tensor; index tables only, no pipeline state
+_MAX_DEVICE_TABLES = 256
+
+
 def _on_device(table, *args, device: str) -> torch.Tensor:
-    """An index table built on the host, copied to ``device`` once (not on every call)."""
-    return table(*args).to(device)
+    """An index table built on the host, copied to ``device`` once (not on every call).
+
+    A plain dict rather than ``lru_cache``: a compiled graph reads a table already in it as
+    a constant tensor instead of tracing its construction (Dynamo traces through
+    ``lru_cache`` wrappers, which would rebuild the table on every call)."""
+    key = (table.__name__, args, device)
+    found = _DEVICE_TABLES.get(key)
+    if found is None:
+        if len(_DEVICE_TABLES) >= _MAX_DEVICE_TABLES:
+            _DEVICE_TABLES.clear()
+        found = _DEVICE_TABLES[key] = table(*args).to(device)
+    return found
 
 
 @lru_cache(maxsize=64)
