@@ -382,6 +382,8 @@ class SparseHandle:
             hs = arguments.get(adapter.hidden_states_arg)
             self._current_transformer = tidx
             self._forwards_since_step += 1
+            if self.step == 0 and self._forwards_since_step == 1 and self._counts_scheduler_steps:
+                self._read_pipeline_step_count()
             causal = adapter.frame_causal(mod.config) if adapter.frame_causal is not None else 1
             self._prepare(tidx, f, h, w, str(hs.device), causal)
             if adapter.levels is not None:
@@ -537,6 +539,16 @@ class SparseHandle:
         """
         self._steps_given = True
         self._advance_to(step, num_steps)
+
+    def _read_pipeline_step_count(self) -> None:
+        """At a generation's first forward: the denoising loop's length as the pipeline counts
+        it (diffusers pipelines set ``_num_timesteps`` before their loop). It differs from the
+        scheduler's timesteps when the loop is not one iteration per timestep: SkyReels-V2's
+        asynchronous diffusion forcing (``ar_step > 0``), a ``strength`` below 1."""
+        n = getattr(self._pipeline, "_num_timesteps", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0 and n != self.num_steps:
+            self.num_steps = n
+            self._step_is_dense = self.config.step_is_dense(self.step, n)
 
     def _advance_to(self, step: int, num_steps: Optional[int] = None) -> None:
         self._finish_step()

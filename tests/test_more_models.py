@@ -141,3 +141,18 @@ def test_tiny_pipelines_dense_equal_sparse_runs_remove_restores(name):
     assert [s for s, _ in densities] == [0, 1] and densities[0][1] == 1.0 and 0 < densities[1][1] < 1, densities
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
     assert torch.equal(run_pipeline(pipe, kwargs), ref)
+
+
+def test_asynchronous_diffusion_forcing_counts_the_pipeline_iterations():
+    """With ar_step > 0 SkyReels-V2 runs more denoising iterations than scheduler timesteps;
+    the step count is the pipeline's, so dense_last_steps makes only the last one dense."""
+    from tiny_models import run_pipeline, tiny_video_pipeline
+
+    pipe, kwargs = tiny_video_pipeline("skyreels_df")
+    kwargs = dict(kwargs, ar_step=1)  # 2 timesteps, 2 frame blocks staggered by one: 3 iterations
+    with sparsegen.apply(pipe, "gna", **METHODS["gna"], dense_last_steps=1) as handle:
+        run_pipeline(pipe, kwargs)
+        densities = handle.step_densities()
+        assert handle.num_steps == pipe._num_timesteps == 3 != len(pipe.scheduler.timesteps)
+    assert [s for s, _ in densities] == [0, 1, 2] and densities[2][1] == 1.0
+    assert all(0 < d < 1 for _, d in densities[:2]), densities
