@@ -46,7 +46,7 @@ import torch
 from .kernels import BlockSparseMask, block_sparse_attention
 from .kernels.mask import block_count
 from .methods.base import AttentionCall, AttentionGeometry, MethodConfig, SparseAttentionMethod
-from .methods.paro import ParoPlan
+from .methods.paro import ParoPlan, refuse_models_a_plan_cannot_serve
 from .reorder import ORDERS, order_permutation
 
 __all__ = ["calibrate", "calibrate_paro", "calibrate_agent_layers", "choose_orders", "select_block_masks", "step_buckets",
@@ -152,12 +152,7 @@ class _ParoRecorder(SparseAttentionMethod):
     # ---------------------------------------------------------------- hooks
     def check_model(self, *, model_class: str, num_layers: int, transformer_index: int,
                     multi_resolution: bool = False) -> None:
-        if transformer_index > 0:
-            raise ValueError("PARO calibration covers one transformer; pipelines with two (Wan 2.2 A14B) are not "
-                             "supported by PARO yet")
-        if multi_resolution:
-            raise ValueError(f"{model_class} attends at several token resolutions (a UNet's levels) and a PARO plan "
-                             "holds one token grid: PARO serves diffusion transformers; use 'gna' or 'agent' here")
+        refuse_models_a_plan_cannot_serve("PARO calibration", model_class, transformer_index, multi_resolution)
         self.model_class, self.num_layers = model_class, num_layers
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:

@@ -63,26 +63,28 @@ def greedy_head_assignment_tensor(work: torch.Tensor, ranks: int) -> torch.Tenso
     computed with device operations only, so nothing is read back to the host.
 
     Args:
-        work: (H,) per head, its cost; H must divide by ``ranks``.
+        work: (..., H) per head, its cost (leading dims: independent problems, e.g. one per
+            layer, solved together in H device steps); H must divide by ``ranks``.
     Returns:
-        long (ranks, H / ranks): row r holds rank r's heads, ascending.
+        long (..., ranks, H / ranks): row r holds rank r's heads, ascending.
     """
-    num_heads = work.numel()
+    num_heads = work.shape[-1]
     per = _per_rank(num_heads, ranks)
-    w = work.detach().reshape(-1).float()
-    heaviest_first = torch.argsort(-w, stable=True)
-    loads = w.new_zeros(ranks)
-    taken = torch.zeros(ranks, dtype=torch.long, device=w.device)
-    rank_of = torch.empty(num_heads, dtype=torch.long, device=w.device)
-    one = torch.ones(1, dtype=torch.long, device=w.device)
-    for i in range(num_heads):  # H small device steps; argmin returns the first (lowest) rank on ties
-        head = heaviest_first[i:i + 1]
-        r = torch.where(taken < per, loads, torch.inf).argmin().view(1)
-        rank_of.index_copy_(0, head, r)
-        loads.index_add_(0, r, w.index_select(0, head))
-        taken.index_add_(0, r, one)
+    lead = work.shape[:-1]
+    w = work.detach().reshape(-1, num_heads).float()  # (P, H)
+    heaviest_first = torch.argsort(-w, dim=1, stable=True)
+    loads = w.new_zeros(w.shape[0], ranks)
+    taken = torch.zeros(w.shape[0], ranks, dtype=torch.long, device=w.device)
+    rank_of = torch.empty_like(heaviest_first)
+    ones = torch.ones_like(heaviest_first[:, :1])
+    for i in range(num_heads):  # argmin returns the first (lowest) rank on ties
+        head = heaviest_first[:, i:i + 1]
+        r = torch.where(taken < per, loads, torch.inf).argmin(dim=1, keepdim=True)
+        rank_of.scatter_(1, head, r)
+        loads.scatter_add_(1, r, w.gather(1, head))
+        taken.scatter_add_(1, r, ones)
     heads = torch.arange(num_heads, device=w.device)
-    return torch.argsort(rank_of * num_heads + heads).view(ranks, per)
+    return torch.argsort(rank_of * num_heads + heads, dim=1).view(*lead, ranks, per)
 
 
 def rank_imbalance_tensor(work: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:

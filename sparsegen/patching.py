@@ -242,7 +242,8 @@ class SparseHandle:
         step_stats: per finished step, {"step", "density_sum", "sparse_calls",
             "dense_calls"} as 0-dim device tensors (read them with :meth:`step_densities`,
             or ``float``/``int`` them yourself between steps), plus the step in progress.
-        parallel_stats: under context parallelism, per layer: ``ranks`` and ``imbalance``
+        parallel_stats: under context parallelism, per layer (of the transformer that ran it
+            last, ``transformer``: 0, or 1 for a pipeline's second): ``ranks`` and ``imbalance``
             (max / mean of the ranks' visited blocks); Ulysses adds ``imbalance_contiguous``
             and ``heads_per_rank`` (host values when the per-head work is known on the host,
             e.g. PARO's plan; device tensors plus ``head_work`` (H,) when it is known only
@@ -275,7 +276,10 @@ class SparseHandle:
         self.detached = False
         # Context parallelism's per-rank work, per layer (see the README's "Load balance").
         self.parallel_stats: dict[int, dict] = {}
-        self._call_work: dict[int, torch.Tensor] = {}  # Ulysses: per layer, the last call's (H,) head work
+        # Ulysses with work known per call: (transformer, layer) -> the last call's (H,) head work;
+        # per transformer, (last layer served, {layer: device (order, inverse)}) of the forward running.
+        self._call_work: dict[tuple[int, int], torch.Tensor] = {}
+        self._balanced_orders: dict[int, tuple[int, dict]] = {}
         # (head order, device) and joint segment maps -> (permutation, inverse) on the device
         self._head_orders: dict = {}
         self._levels: dict[int, dict] = {}  # UNets: per transformer, token count -> (geometry, downsample, rank)
@@ -369,8 +373,11 @@ class SparseHandle:
             self._hooks.append(module.register_forward_pre_hook(push))
             self._hooks.append(module.register_forward_hook(pop, always_call=True))
         self._num_layers = len(modules)
-        self.method.check_model(model_class=type(transformer).__name__, num_layers=len(modules), transformer_index=tidx,
-                                multi_resolution=adapter.levels is not None)
+        model = dict(model_class=type(transformer).__name__, num_layers=len(modules), transformer_index=tidx)
+        accepted = inspect.signature(self.method.check_model).parameters
+        if "multi_resolution" in accepted or any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+            model["multi_resolution"] = adapter.levels is not None  # (methods written before it existed lack it)
+        self.method.check_model(**model)
         # The class's signature: instance-level wrappers (e.g. offload hooks) hide it.
         sig = inspect.signature(type(transformer).forward)
         names = list(sig.parameters)[1:]  # without self
@@ -627,18 +634,22 @@ class SparseHandle:
         if a.get("scale") is not None and abs(a["scale"] - q.shape[-1] ** -0.5) > 1e-12:
             raise ValueError(f"sparsegen: layer '{route.module_name}' uses a non-default softmax scale {a['scale']}")
         cp = getattr(a.get("parallel_config"), "context_parallel_config", None)
-        if cp is not None and (cp.ring_degree or 1) > 1:
-            return self._attend_ring(route, a, cp)
-        if cp is not None and (cp.ulysses_degree or 1) > 1:
-            return self._attend_ulysses(route, a, cp)
+        if cp is not None and ((cp.ring_degree or 1) > 1 or (cp.ulysses_degree or 1) > 1):
+            if a.get("attn_mask") is not None:
+                raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask under context "
+                                 "parallelism, which sparse attention does not serve")
+            geometry = self._call_geometry()
+            if geometry in self._geometry_errors:
+                raise self._geometry_errors[geometry]
+            if (cp.ring_degree or 1) > 1:
+                return self._attend_ring(route, a, cp, geometry)
+            return self._attend_ulysses(route, a, cp, geometry)
         if q.shape[1] != k.shape[1]:
             raise ValueError(
                 f"sparsegen: layer '{route.module_name}' is not self-attention ({q.shape[1]} queries, "
                 f"{k.shape[1]} keys); the adapter's module pattern is wrong for this model"
             )
-        geometry = self._geometry.get(self._current_transformer)
-        if geometry is None:
-            raise RuntimeError("sparsegen: attention ran before the transformer's forward hook read the token grid")
+        geometry = self._call_geometry()
         downsample, level = 1, 0
         if self.adapter.levels is not None:
             found = self._levels.get(self._current_transformer, {}).get(q.shape[1])
@@ -697,7 +708,13 @@ class SparseHandle:
         self._record(call.stats.get("density", 1.0), sparse=True)
         return out
 
-    def _attend_ulysses(self, route: _Route, a: dict, cp) -> torch.Tensor:
+    def _call_geometry(self) -> AttentionGeometry:
+        geometry = self._geometry.get(self._current_transformer)
+        if geometry is None:
+            raise RuntimeError("sparsegen: attention ran before the transformer's forward hook read the token grid")
+        return geometry
+
+    def _attend_ulysses(self, route: _Route, a: dict, cp, geometry: AttentionGeometry) -> torch.Tensor:
         """Sparse attention under diffusers' Ulysses context parallelism.
 
         Diffusers' templated Ulysses attention exchanges q, k, v so that each rank holds
@@ -711,13 +728,7 @@ class SparseHandle:
         from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
         layout = self.adapter.text_layout
-        if a.get("attn_mask") is not None:
-            raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask under context "
-                             "parallelism, which sparse attention does not serve")
         q = a["query"]
-        geometry = self._geometry.get(self._current_transformer)
-        if geometry in self._geometry_errors:
-            raise self._geometry_errors[geometry]
         world = cp.ulysses_degree
         if q.shape[2] % world:
             raise ValueError(f"sparsegen: {q.shape[2]} heads do not split over ulysses_degree={world}")
@@ -741,7 +752,8 @@ class SparseHandle:
         if work is not None:
             chosen = greedy_head_assignment(work, world) if self.config.balance_heads else assignment
             self.parallel_stats[route.layer] = {
-                "ranks": world, "imbalance_contiguous": rank_imbalance(work, assignment),
+                "transformer": self._current_transformer, "ranks": world,
+                "imbalance_contiguous": rank_imbalance(work, assignment),
                 "imbalance": rank_imbalance(work, chosen), "heads_per_rank": chosen}
             order = [h for hs in chosen for h in hs]
             if order != list(range(q.shape[2])):
@@ -751,9 +763,8 @@ class SparseHandle:
                     self._head_orders[key] = (torch.tensor(order, device=q.device),
                                               torch.argsort(torch.tensor(order)).to(q.device))
                 head_order = self._head_orders[key]
-        elif method.reports_head_work and self.config.balance_heads and route.layer in self._call_work:
-            order = greedy_head_assignment_tensor(self._call_work[route.layer], world).reshape(-1)
-            head_order = (order, torch.argsort(order))
+        elif method.reports_head_work and self.config.balance_heads:
+            head_order = self._balanced_head_order(route.layer, world)
         permuted = head_order is not None
         if permuted:  # rank r's contiguous slice after the all-to-all holds heads order[r*H/world:]
             for name in ("query", "key", "value"):
@@ -800,6 +811,23 @@ class SparseHandle:
         self._record(calls[-1].stats.get("density", 1.0) if calls else 1.0, sparse=True)
         return out
 
+    def _balanced_head_order(self, layer: int, world: int) -> Optional[tuple]:
+        """Device (order, inverse) of ``layer``'s heads for this forward, balanced on the work
+        its previous call gathered (None before any); the greedy runs for every layer at once
+        at a forward's first balanced call (a layer index not above the last one served)."""
+        tidx = self._current_transformer
+        last, orders = self._balanced_orders.get(tidx, (None, None))
+        if orders is None or layer <= last:
+            layers = sorted(n for t, n in self._call_work if t == tidx)
+            orders = {}
+            if layers:
+                order = greedy_head_assignment_tensor(
+                    torch.stack([self._call_work[(tidx, n)] for n in layers]), world).flatten(1)
+                inverse = torch.argsort(order, dim=1)
+                orders = {n: (order[i], inverse[i]) for i, n in enumerate(layers)}
+        self._balanced_orders[tidx] = (layer, orders)
+        return orders.get(layer)
+
     def _gather_head_work(self, layer: int, local: torch.Tensor, cp, head_order) -> None:
         """Gather the Ulysses ranks' per-head work of a call (device values, no host read)
         into ``parallel_stats[layer]`` and keep it for the next call's balanced assignment.
@@ -817,12 +845,12 @@ class SparseHandle:
         heads = torch.arange(gathered.numel(), device=gathered.device)
         work = gathered if head_order is None else gathered.index_select(0, head_order[1])
         used = (heads if head_order is None else head_order[0]).view(world, -1)
-        self._call_work[layer] = work
+        self._call_work[(self._current_transformer, layer)] = work
         self.parallel_stats[layer] = {
-            "ranks": world, "imbalance_contiguous": rank_imbalance_tensor(work, heads.view(world, -1)),
+            "transformer": self._current_transformer, "ranks": world, "imbalance_contiguous": rank_imbalance_tensor(work, heads.view(world, -1)),
             "imbalance": rank_imbalance_tensor(work, used), "heads_per_rank": used, "head_work": work}
 
-    def _attend_ring(self, route: _Route, a: dict, cp) -> torch.Tensor:
+    def _attend_ring(self, route: _Route, a: dict, cp, geometry: AttentionGeometry) -> torch.Tensor:
         """Sparse attention under diffusers' ring context parallelism.
 
         Each rank holds a contiguous shard of the queries, keys and values. The keys and
@@ -844,12 +872,6 @@ class SparseHandle:
         if layout != TextLayout.NONE:
             raise ValueError(f"sparsegen: ring attention with joint text attention ({self.adapter.name}) is not "
                              "supported; use ulysses_degree")
-        if a.get("attn_mask") is not None:
-            raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask under context "
-                             "parallelism, which sparse attention does not serve")
-        geometry = self._geometry.get(self._current_transformer)
-        if geometry in self._geometry_errors:
-            raise self._geometry_errors[geometry]
         q, k, v = a["query"], a["key"], a["value"]
         world, rank = cp.ring_degree, cp._ring_local_rank
         group = cp._ring_mesh.get_group()
@@ -864,8 +886,9 @@ class SparseHandle:
             head_offset=0, total_heads=q.shape[2], backend=self.config.backend)
         out, _ = method.shard_attention(q, keys, values, call, start=rank * q.shape[1])
         loads = method.shard_work(geometry, world)  # host values from the static mask, cached
-        self.parallel_stats[route.layer] = {"ranks": world, "rank_blocks": loads,
-                                            "imbalance": max(loads) * world / max(sum(loads), 1)}
+        self.parallel_stats[route.layer] = {
+            "transformer": self._current_transformer, "ranks": world, "rank_blocks": loads,
+            "imbalance": rank_imbalance(loads, [[r] for r in range(world)])}
         self._record(call.stats.get("density", 1.0), sparse=True)
         return out
 
@@ -901,6 +924,8 @@ class SparseHandle:
                 del t._sparsegen_handle
         self._transformers.clear()
         self._prepared.clear()
+        self._call_work.clear()
+        self._balanced_orders.clear()
         self.method.clear_cache()
 
     def __enter__(self) -> "SparseHandle":

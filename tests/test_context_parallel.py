@@ -184,7 +184,8 @@ def test_ulysses_and_ring_two_processes_equal_one(tmp_path):
         ring_stats = results.pop("ring-stats")
         gna = make_config("gna", **CASES["gna"]).make_method()
         work = gna.shard_work(AttentionGeometry(5, 8, 8), 2)
-        assert ring_stats == {"ranks": 2, "rank_blocks": work, "imbalance": max(work) * 2 / sum(work)}
+        assert ring_stats == {"transformer": 0, "ranks": 2, "rank_blocks": work,
+                              "imbalance": max(work) * 2 / sum(work)}
         assert set(results) == {*CASES, "paro", "flux-dense", "flux-gna", "flux-vmoba", "flux-agent",
                                 "ltx-dense", "ltx-radial", "ltx-gna",
                                 "ring-radial", "ring-gna"}

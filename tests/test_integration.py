@@ -36,6 +36,10 @@ class BandMethod(SparseAttentionMethod):
         self.seen: list = []  # (layer, step, geometry, q, k, v, out)
         self.record = False
 
+    def check_model(self, *, model_class, num_layers, transformer_index):
+        # The signature of methods written before check_model took multi_resolution: still called.
+        self.models = [*getattr(self, "models", []), (model_class, num_layers, transformer_index)]
+
     def check_geometry(self, geometry):
         if geometry.frames < self.config.min_frames:
             raise ValueError(f"test_band needs at least {self.config.min_frames} latent frames, got {geometry.frames}")
@@ -91,6 +95,7 @@ def test_remove_restores_bit_identical_outputs(wan):
     set_ts_before = wan.scheduler.set_timesteps
     base = _run(wan)
     h = sparsegen.apply(wan, "test_band", width=1, backend="torch")
+    assert h.method.models == [("WanTransformer3DModel", 3, 0)]  # the tiny pipeline's 3 layers
     sparse = _run(wan)
     assert (sparse - base).abs().max().item() > 1e-4, "the sparse method had no effect"
     h.remove()

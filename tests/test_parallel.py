@@ -33,6 +33,11 @@ def test_device_greedy_assignment_equals_the_host_one():
         assert rank_imbalance_tensor(torch.tensor(work), on_device).item() == pytest.approx(
             rank_imbalance(work, on_device.tolist()))
     assert rank_imbalance_tensor(torch.zeros(4), torch.tensor([[0, 1], [2, 3]])).item() == 1.0
+    # Several problems at once (one per layer): each row as if alone.
+    batch = torch.randint(0, 6, (5, 8)).float()
+    together = greedy_head_assignment_tensor(batch, 4)
+    assert together.shape == (5, 4, 2)
+    assert [t.tolist() for t in together] == [greedy_head_assignment(w.tolist(), 4) for w in batch]
     with pytest.raises(ValueError, match="do not split evenly"):
         greedy_head_assignment_tensor(torch.ones(3), 2)
 

@@ -281,6 +281,18 @@ class PAROConfig(MethodConfig):
         return d
 
 
+def refuse_models_a_plan_cannot_serve(what: str, model_class: str, transformer_index: int,
+                                      multi_resolution: bool) -> None:
+    """Raise ValueError for models one PARO plan cannot cover: a pipeline's second
+    transformer (Wan 2.2 A14B) and models attending at several token grids (UNets)."""
+    if transformer_index > 0:
+        raise ValueError(f"{what} covers one transformer; pipelines with two (Wan 2.2 A14B) are not supported by "
+                         "PARO yet")
+    if multi_resolution:
+        raise ValueError(f"{model_class} attends at several token resolutions (a UNet's levels) and a PARO plan "
+                         "holds one token grid: PARO serves diffusion transformers; use 'gna' or 'agent' here")
+
+
 class PAROMethod(SparseAttentionMethod):
     config_cls = PAROConfig
     uses_step = True
@@ -291,12 +303,7 @@ class PAROMethod(SparseAttentionMethod):
 
     def check_model(self, *, model_class: str, num_layers: int, transformer_index: int,
                     multi_resolution: bool = False) -> None:
-        if transformer_index > 0:
-            raise ValueError("a PARO plan covers one transformer; pipelines with two (Wan 2.2 A14B) are not "
-                             "supported by PARO yet")
-        if multi_resolution:
-            raise ValueError(f"{model_class} attends at several token resolutions (a UNet's levels) and a PARO plan "
-                             "holds one token grid: PARO serves diffusion transformers; use 'gna' or 'agent' here")
+        refuse_models_a_plan_cannot_serve("a PARO plan", model_class, transformer_index, multi_resolution)
         self.plan.check_model(model_class, num_layers)
 
     def check_geometry(self, geometry: AttentionGeometry) -> None:
