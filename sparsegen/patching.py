@@ -418,7 +418,7 @@ class SparseHandle:
             self._step_totals = torch.zeros(3, dtype=torch.float32, device=device)  # float64: not on every device
         if self.adapter.levels is None:
             self._prepare_geometry(geometry, device)
-            if frame_causal > 1 and self.method.has_static_mask and (geometry, device) in self._prepared:
+            if frame_causal > 1 and self.method.serves_frame_causal and (geometry, device) in self._prepared:
                 self.method.call_mask(geometry, torch.device(device), AttentionCall(geometry=geometry,
                                                                                     frame_causal=frame_causal))
         return True
@@ -682,7 +682,7 @@ class SparseHandle:
                 raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask to video "
                                  f"self-attention, which the '{self.adapter.name}' adapter does not know; keep these "
                                  f"calls dense with dense_steps / dense_layers, or run without the mask")
-            if not self.method.has_static_mask:
+            if not self.method.serves_frame_causal:
                 raise ValueError(f"sparsegen: '{self.config.method}' cannot combine its mask (chosen per call or per head) with the "
                                  f"frame-causal mask of diffusion forcing ('{route.module_name}'); use radial or gna, "
                                  f"or keep these calls dense with dense_steps / dense_layers")

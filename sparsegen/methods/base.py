@@ -309,6 +309,9 @@ class SparseAttentionMethod:
     # method must not depend on which heads it is given: head-parallel execution balances
     # the ranks with the previous call's work by handing them other heads.
     reports_head_work: ClassVar[bool] = False
+    # Whether ``attention`` honours ``call.frame_causal`` (diffusion forcing), e.g. by taking
+    # its mask from :meth:`call_mask`; calls that carry it are refused for other methods.
+    serves_frame_causal: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -146,6 +146,7 @@ class GNAMethod(SparseAttentionMethod):
 
     config_cls = GNAConfig
     has_static_mask = True
+    serves_frame_causal = True
 
     def _layout(self, geometry: AttentionGeometry, device) -> tuple[GNALayout, float]:
         """(tile layouts and block mask on ``device``, the mask's density as a host float)."""

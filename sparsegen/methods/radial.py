@@ -491,6 +491,7 @@ class RadialMethod(SparseAttentionMethod):
 
     config_cls = RadialConfig
     has_static_mask = True
+    serves_frame_causal = True
 
     def _mask(self, geometry: AttentionGeometry, device) -> tuple[BlockSparseMask, float]:
         """(mask on ``device``, its density as a host float), built once per geometry on the CPU."""
