@@ -625,15 +625,19 @@ class SparseHandle:
         """
         q, k, v = a["query"], a["key"], a["value"]
         cfg = self.config
+        cp = getattr(a.get("parallel_config"), "context_parallel_config", None)
         if cfg.layer_is_dense(route.layer) or self._step_is_dense:
             self._record(1.0, sparse=False)
+            if cp is not None and (cp.ring_degree or 1) > 1 and self.config.method != "dense":
+                # Diffusers' ring attention needs a backend that returns the LSE (the default,
+                # native, does not), so a sparse method's dense calls under ring are served here.
+                return self._attend_ring_dense(a, cp)
             return None
         if a.get("dropout_p", 0.0) not in (0, 0.0) or a.get("is_causal", False):
             raise ValueError(f"sparsegen: layer '{route.module_name}' asked for dropout or causal attention, "
                              "which sparse self-attention does not serve; keep it dense with dense_layers")
         if a.get("scale") is not None and abs(a["scale"] - q.shape[-1] ** -0.5) > 1e-12:
             raise ValueError(f"sparsegen: layer '{route.module_name}' uses a non-default softmax scale {a['scale']}")
-        cp = getattr(a.get("parallel_config"), "context_parallel_config", None)
         if cp is not None and ((cp.ring_degree or 1) > 1 or (cp.ulysses_degree or 1) > 1):
             if a.get("attn_mask") is not None:
                 raise ValueError(f"sparsegen: layer '{route.module_name}' passed an attention mask under context "
@@ -860,8 +864,6 @@ class SparseHandle:
         tokens, only their visited key blocks, so no key shard a row does not visit is ever
         computed and there is no merge across shards to go wrong.
         """
-        from torch.distributed import _functional_collectives as funcol
-
         method, layout = self.method, self.adapter.text_layout
         if (cp.ulysses_degree or 1) > 1:
             raise ValueError("sparsegen: ring and Ulysses degrees together are not supported; use one of them")
@@ -874,12 +876,10 @@ class SparseHandle:
                              "supported; use ulysses_degree")
         q, k, v = a["query"], a["key"], a["value"]
         world, rank = cp.ring_degree, cp._ring_local_rank
-        group = cp._ring_mesh.get_group()
         if q.shape[1] * world != geometry.num_tokens:
             raise ValueError(f"sparsegen: {q.shape[1]} tokens per rank x ring_degree={world} is not the latent "
                              f"grid's {geometry.num_tokens} tokens {geometry.grid}")
-        keys = funcol.all_gather_single_autograd(k.contiguous(), gather_dim=1, group=group)
-        values = funcol.all_gather_single_autograd(v.contiguous(), gather_dim=1, group=group)
+        keys, values = self._gather_ring_keys(k, v, cp)
         call = AttentionCall(
             geometry=geometry, layer=route.layer, num_layers=self._num_layers,
             step=self.step if method.uses_step else None, num_steps=self.num_steps if method.uses_step else None,
@@ -891,6 +891,28 @@ class SparseHandle:
             "imbalance": rank_imbalance(loads, [[r] for r in range(world)])}
         self._record(call.stats.get("density", 1.0), sparse=True)
         return out
+
+    @staticmethod
+    def _gather_ring_keys(k: torch.Tensor, v: torch.Tensor, cp) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's keys and values (B, S, H, D), differentiable: the backward
+        reduce-scatters their gradients to their owners."""
+        from torch.distributed import _functional_collectives as funcol
+
+        group = cp._ring_mesh.get_group()
+        return (funcol.all_gather_single_autograd(k.contiguous(), gather_dim=1, group=group),
+                funcol.all_gather_single_autograd(v.contiguous(), gather_dim=1, group=group))
+
+    def _attend_ring_dense(self, a: dict, cp) -> torch.Tensor:
+        """A dense call under ring context parallelism: the rank's queries against every
+        rank's keys (PyTorch SDPA, any attention backend)."""
+        if a.get("attn_mask") is not None or a.get("is_causal", False) or a.get("dropout_p", 0.0) not in (0, 0.0):
+            raise ValueError("sparsegen: a dense call under ring attention passed a mask, causal attention or "
+                             "dropout, which it does not serve")
+        q = a["query"]
+        keys, values = self._gather_ring_keys(a["key"], a["value"], cp)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=a.get("scale"))
+        return out.transpose(1, 2)
 
     def _joint_order(self, text: int, video: int, world: int, text_first: bool, device) -> tuple:
         """(order, inverse) on ``device`` between the gathered sequence of joint attention
