@@ -22,7 +22,7 @@ and a log-sum-exp of -inf, on every backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
@@ -91,6 +91,9 @@ def kernel_layout_from_lists(num: torch.Tensor, indices: torch.Tensor, tile_ids:
     return KernelLayout(num.to(torch.int32).contiguous(), num_full.contiguous(),
                         torch.gather(indices.to(torch.int32), -1, order).contiguous(),
                         torch.gather(tid, -1, order).contiguous(), tiles)
+
+
+_VISITS_EVERY_BLOCK = ("visits_every_block",)  # the mask cache key of visits_every_block()
 
 
 @dataclass(frozen=True, eq=False)
@@ -323,8 +326,17 @@ class BlockSparseMask:
         # Known full: nothing is read back from the device (masks built per call, under torch.compile).
         mask = cls.from_block_matrix(blocks, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
                                      kv_block_size=kv_block_size, max_blocks=kb)
-        mask._cache[("visits_every_block",)] = True
+        mask._cache[_VISITS_EVERY_BLOCK] = True
         return mask
+
+    def visits_every_block(self) -> bool:
+        """Whether every query block visits every key block in full (no token tiles): dense
+        attention. A host read of the layout the first time (cached; known without one for
+        :meth:`full` masks)."""
+        if _VISITS_EVERY_BLOCK not in self._cache:
+            self._cache[_VISITS_EVERY_BLOCK] = self.tile_ids is None and bool(
+                (self.kv_num_blocks == self.num_kv_blocks).all())
+        return self._cache[_VISITS_EVERY_BLOCK]
 
     @classmethod
     def rank_causal(cls, *, q_rank: torch.Tensor, kv_rank: torch.Tensor, q_block_size: int,
@@ -440,10 +452,17 @@ class BlockSparseMask:
             key blocks and token tiles.
         """
         idx = blocks.to(device=self.device, dtype=torch.long)
-        return BlockSparseMask(
-            self.kv_num_blocks.index_select(2, idx).contiguous(), self.kv_indices.index_select(2, idx).contiguous(),
-            int(idx.numel()) * self.q_block_size, self.kv_len, self.q_block_size, self.kv_block_size,
-            None if self.tile_ids is None else self.tile_ids.index_select(2, idx).contiguous(), self.tiles)
+        return self._take(2, idx, q_len=int(idx.numel()) * self.q_block_size)
+
+    def _take(self, dim: int, index: Union[slice, torch.Tensor], q_len: int) -> "BlockSparseMask":
+        """The layout's entries ``index`` (a slice, or long indices) along ``dim`` (1: heads,
+        2: query blocks), as a mask of ``q_len`` queries with the same keys and tiles."""
+        def take(t):
+            return (t[(slice(None),) * dim + (index,)] if isinstance(index, slice) else t.index_select(dim, index)
+                    ).contiguous()
+
+        return BlockSparseMask(take(self.kv_num_blocks), take(self.kv_indices), q_len, self.kv_len, self.q_block_size,
+                               self.kv_block_size, None if self.tile_ids is None else take(self.tile_ids), self.tiles)
 
     def to(self, device) -> "BlockSparseMask":
         device = torch.device(device)
@@ -608,12 +627,7 @@ class BlockSparseMask:
         """The layout of heads [start, stop) (for head-parallel execution). Broadcast masks pass through."""
         if self.shape[1] == 1:
             return self
-        sl = slice(start, stop)
-        return BlockSparseMask(
-            self.kv_num_blocks[:, sl].contiguous(), self.kv_indices[:, sl].contiguous(), self.q_len, self.kv_len,
-            self.q_block_size, self.kv_block_size,
-            None if self.tile_ids is None else self.tile_ids[:, sl].contiguous(), self.tiles,
-        )
+        return self._take(1, slice(start, stop), q_len=self.q_len)
 
     # -------------------------------------------------------------- rendering
     def render(self, path: str, *, batch: int = 0, heads: Optional[list[int]] = None, max_pixels: int = 2048) -> str:

@@ -254,14 +254,6 @@ class _Workspace:
         return self.k[:elements], self.v[:elements]
 
 
-def _visits_every_block(mask: BlockSparseMask) -> bool:
-    """Whether every query block visits every key block in full (no token tiles). Host read, cached."""
-    key = ("visits_every_block",)
-    if key not in mask._cache:
-        mask._cache[key] = mask.tile_ids is None and bool((mask.kv_num_blocks == mask.num_kv_blocks).all())
-    return mask._cache[key]
-
-
 def _dense_route_bias(mask: BlockSparseMask, dtype: torch.dtype) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(bias, empty): the additive bias (B or 1, H or 1, q_len, kv_len) of the mask's token
     pairs (None if it attends all) and the bool (B or 1, H or 1, q_len) rows that attend
@@ -272,7 +264,7 @@ def _dense_route_bias(mask: BlockSparseMask, dtype: torch.dtype) -> tuple[Option
     key = ("dense_route_bias", dtype)
     cache = mask._cache
     if key not in cache:
-        if _visits_every_block(mask):
+        if mask.visits_every_block():
             cache[key] = (None, None)
         else:
             allowed = mask.to_dense()
@@ -302,7 +294,7 @@ def prefers_dense_route(mask: BlockSparseMask, q_len: int, kv_len: int) -> bool:
     key = ("dense_route", q_len, kv_len)
     cache = mask._cache
     if key not in cache:
-        if _visits_every_block(mask):
+        if mask.visits_every_block():
             cache[key] = True
         else:
             b, h = mask.shape[:2]
