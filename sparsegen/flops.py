@@ -40,6 +40,7 @@ __all__ = [
     "moba_attention_flops",
     "vmoba_attention_flops",
     "mask_attention_flops",
+    "agent_attention_flops",
     "transformer_flops",
     "method_mask",
     "method_transformer_flops",
@@ -168,6 +169,13 @@ def mask_attention_flops(mask: BlockSparseMask, *, head_dim: int, heads: Optiona
     return 4.0 * head_dim * total
 
 
+def agent_attention_flops(num_tokens: int, dim: int, *, agents: int) -> float:
+    """Agent attention over all heads (``dim`` = heads x head_dim): the agents attend every
+    key, then every query attends the agents, two dense attentions of A x S and S x A:
+    ``8 S A d``. (Pooling the agents and the value shortcut are not matmuls.)"""
+    return dense_attention_flops(agents, num_tokens, dim) + dense_attention_flops(num_tokens, agents, dim)
+
+
 AttentionFlops = Union[None, float, Sequence[float], Callable[[int], float]]
 
 
@@ -241,25 +249,72 @@ def method_mask(config, geometry) -> BlockSparseMask:
 
 
 def method_transformer_flops(spec: TransformerSpec, config, geometry) -> dict:
-    """Whole-model FLOPs with every self-attention layer restricted to a method's static mask.
+    """Whole-model FLOPs of one pass with a method's self-attention on its sparse layers
+    (``dense_layers`` and, for agent attention, ``layers`` stay dense).
+
+    * radial, GNA: each sparse layer restricted to the method's static mask;
+    * agent (pooled agents): :func:`agent_attention_flops` with the config's agent count;
+    * PARO: each (layer, head) restricted to the plan's calibrated mask, averaged over the
+      plan's step buckets weighted by the share of the steps each covers (``buckets``
+      holds each one's total); the plan must be for ``spec``'s layers, heads and ``geometry``.
 
     Returns:
-        :func:`transformer_flops` parts plus ``density`` (visited blocks / all blocks),
-        ``attended_self_attention`` (FLOPs of the token pairs the mask allows, summed
-        over layers) and ``method``. ``self_attention`` counts every visited block in
-        full, padding included: what a block-sparse kernel computes.
+        :func:`transformer_flops` parts plus ``method``, ``density`` (the sparse layers'
+        self-attention FLOPs / dense; for static masks: visited blocks / all blocks) and
+        ``attended_self_attention`` (FLOPs of the token pairs the masks allow, summed over
+        layers). ``self_attention`` counts every visited block in full, padding included:
+        what a block-sparse kernel computes.
+
+    Raises:
+        ValueError: VMoBA (per-call selection: :func:`vmoba_transformer_flops`), AgentSD's
+            token merging, a geometry the method cannot serve, a plan for another model.
     """
-    method = _static_method(config, geometry)
-    mask = method.static_mask(geometry)
-    per_layer = mask_attention_flops(mask, head_dim=spec.head_dim, heads=spec.heads, batch=1)
-    pairs = method.attended_pairs(geometry)
-    if pairs is not None:
-        # Masks over a padded token order (GNA's tiles) know the real pairs better than the mask does.
-        attended = 4.0 * spec.head_dim * spec.heads * pairs
+    s, layers = geometry.num_tokens, range(spec.num_layers)
+    dense = dense_attention_flops(s, s, spec.dim)
+
+    def with_dense_layers(sparse_per_layer):
+        return [dense if config.layer_is_dense(layer) else sparse_per_layer(layer) for layer in layers]
+
+    extra = {}
+    if config.method == "agent":
+        if config.agents != "pool":
+            raise ValueError("FLOPs are counted for pooled agents (agents='pool'); AgentSD's token merging ('tome') "
+                             "changes the token count per step and is not counted")
+        config.make_method().check_geometry(geometry)
+        sparse = agent_attention_flops(s, spec.dim, agents=config.num_agents(geometry.grid))
+        per_layer = attended = with_dense_layers(lambda layer: sparse)
+        density = sparse / dense
+        extra["agents"] = config.num_agents(geometry.grid)
+    elif config.method == "paro":
+        plan = config.plan
+        if (plan.num_layers, plan.num_heads) != (spec.num_layers, spec.heads):
+            raise ValueError(f"this PARO plan was made for {plan.describe_geometry()}, not for {spec.name} "
+                             f"({spec.num_layers} layers x {spec.heads} heads)")
+        plan.check_geometry(geometry.grid)
+        buckets = []
+        for b, (start, end) in enumerate(plan.buckets):
+            per_bucket = with_dense_layers(lambda layer: mask_attention_flops(
+                plan.layer_mask(b, layer), head_dim=spec.head_dim, batch=1))
+            buckets.append((end - start, per_bucket))
+        per_layer = attended = [sum(w * f[layer] for w, f in buckets) for layer in layers]
+        sparse_layers = [layer for layer in layers if not config.layer_is_dense(layer)]
+        density = sum(per_layer[layer] for layer in sparse_layers) / (dense * max(len(sparse_layers), 1))
+        extra["buckets"] = [transformer_flops(spec, s, self_attention=f)["total"] for _, f in buckets]
     else:
-        attended = mask_attention_flops(mask, head_dim=spec.head_dim, heads=spec.heads, batch=1, count="attended")
-    out = transformer_flops(spec, geometry.num_tokens, self_attention=per_layer)
-    out.update(method=config.method, density=mask.density(), attended_self_attention=attended * spec.num_layers)
+        method = _static_method(config, geometry)
+        mask = method.static_mask(geometry)
+        sparse = mask_attention_flops(mask, head_dim=spec.head_dim, heads=spec.heads, batch=1)
+        pairs = method.attended_pairs(geometry)
+        if pairs is not None:
+            # Masks over a padded token order (GNA's tiles) know the real pairs better than the mask does.
+            pair_flops = 4.0 * spec.head_dim * spec.heads * pairs
+        else:
+            pair_flops = mask_attention_flops(mask, head_dim=spec.head_dim, heads=spec.heads, batch=1, count="attended")
+        per_layer = with_dense_layers(lambda layer: sparse)
+        attended = with_dense_layers(lambda layer: pair_flops)
+        density = mask.density()
+    out = transformer_flops(spec, s, self_attention=per_layer)
+    out.update(method=config.method, density=density, attended_self_attention=sum(attended), **extra)
     return out
 
 

@@ -189,3 +189,58 @@ def test_cli_errors(capsys):
         with pytest.raises(SystemExit) as exc:
             _cli(argv, capsys)
         assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_agent_flops_and_dense_layers(capsys):
+    from sparsegen.methods.agent import AgentConfig
+
+    geom = AttentionGeometry(21, 30, 52)
+    n, agents = geom.num_tokens, 21 * 8 * 13  # cells of (1, 4, 4): ceil(30 / 4) x ceil(52 / 4) per frame
+    per_agent_layer = 2 * 2 * (2 * n * agents * WAN.dim)  # A x S and S x A attentions: Q K^T and P V each
+    res = method_transformer_flops(WAN, AgentConfig(agent_cell=(1, 4, 4)), geom)
+    assert res["agents"] == agents and res["density"] == pytest.approx(2 * agents / n)
+    assert res["self_attention"] == pytest.approx(WAN.num_layers * per_agent_layer, rel=1e-12)
+    two_dense = method_transformer_flops(WAN, AgentConfig(agent_cell=(1, 4, 4), dense_layers=2), geom)
+    assert two_dense["self_attention"] == pytest.approx(
+        (WAN.num_layers - 2) * per_agent_layer + 2 * dense_attention_flops(n, n, WAN.dim), rel=1e-12)
+    radial = method_transformer_flops(WAN, RadialConfig(decay_factor=0.2, dense_layers=(0, 5)), geom)
+    mask = method_mask(RadialConfig(decay_factor=0.2), geom)
+    assert radial["self_attention"] == pytest.approx(
+        28 * mask_attention_flops(mask, head_dim=128, heads=12) + 2 * dense_attention_flops(n, n, WAN.dim), rel=1e-12)
+    rc, out, _ = _cli(["--latent", "21,30,52", "--method", "agent", "--json"], capsys)
+    row = json.loads(out)["rows"][0]
+    assert rc == 0 and row["agent"] == res["total"] and row["agents"] == agents
+    with pytest.raises(ValueError, match="token merging"):
+        method_transformer_flops(WAN, AgentConfig.preset("agentsd"), AttentionGeometry(1, 32, 32))
+
+
+def test_paro_flops_count_the_plan_masks(tmp_path, capsys):
+    from sparsegen.methods.paro import PAROConfig, ParoPlan
+
+    grid, block = (3, 8, 16), 64  # 384 tokens: 6 full blocks of 64
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(2, WAN.num_layers, WAN.heads, 6, 6, generator=g) < 0.5
+    masks |= torch.eye(6, dtype=torch.bool)
+    plan = ParoPlan(model_class="WanTransformer3DModel", grid=grid, num_layers=WAN.num_layers, num_heads=WAN.heads,
+                    block_size=block, orders=[["FHW"] * WAN.heads] * WAN.num_layers, masks=masks,
+                    buckets=[(0.0, 0.25), (0.25, 1.0)], calibration_steps=4, density=0.5)
+    n = 384
+    visited = masks.flatten(1).sum(1).double()  # per bucket, over layers and heads
+    expected = (0.25 * visited[0] + 0.75 * visited[1]).item() * block * block * 4 * WAN.head_dim
+    res = method_transformer_flops(WAN, PAROConfig(plan=plan), AttentionGeometry(*grid))
+    assert res["self_attention"] == pytest.approx(expected, rel=1e-12)
+    assert res["density"] == pytest.approx(expected / (WAN.num_layers * dense_attention_flops(n, n, WAN.dim)))
+    assert res["buckets"] == [pytest.approx(transformer_flops(WAN, n)["total"] - WAN.num_layers
+                                            * dense_attention_flops(n, n, WAN.dim)
+                                            + v * block * block * 4 * WAN.head_dim) for v in visited.tolist()]
+    plan.save(tmp_path / "plan")
+    rc, out, _ = _cli(["--method", "paro", "--plan", str(tmp_path / "plan"), "--json"], capsys)
+    row = json.loads(out)["rows"][0]
+    assert rc == 0 and row["paro"] == pytest.approx(res["total"]) and row["latent"] == list(grid)
+    with pytest.raises(ValueError, match="calibrated for the token grid"):
+        method_transformer_flops(WAN, PAROConfig(plan=plan), AttentionGeometry(3, 8, 8))
+    small = ParoPlan(model_class="WanTransformer3DModel", grid=grid, num_layers=2, num_heads=WAN.heads,
+                     block_size=block, orders=[["FHW"] * WAN.heads] * 2, masks=masks[:1, :2],
+                     buckets=[(0.0, 1.0)], calibration_steps=1, density=0.5)
+    with pytest.raises(ValueError, match="not for wan2.1-1.3b"):
+        method_transformer_flops(WAN, PAROConfig(plan=small), AttentionGeometry(*grid))

@@ -6,7 +6,11 @@ VMoBA or block-sparse attention (the library is :mod:`sparsegen.flops`).
     sparsegen flops --latent 41,48,80 --method radial --decay-factor 0.2
 
 With ``--method radial`` or ``gna`` the method's static mask is built for ``--latent`` and
-counted; its options are the config's fields (``sparsegen flops --method gna --help``).
+counted; ``--method agent`` counts pooled agents for ``--latent``; ``--method paro --plan
+DIR`` counts a calibrated plan's masks (on its own grid). The options are the config's
+fields (``sparsegen flops --method gna --help``).
+
+    sparsegen flops --latent 21,30,52 --method agent --agent-cell 1,4,4
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from .options import add_config_arguments, config_options
 __all__ = ["add_command", "DEFAULT_METHOD"]
 
 DEFAULT_METHOD = "all"
-# Methods counted from the static mask they build for the latent grid.
-_MASK_METHODS = ("radial", "gna")
+# Methods counted from their config for the latent grid (static masks, agents, a PARO plan).
+_MASK_METHODS = ("radial", "gna", "agent", "paro")
 
 
 def add_command(subparsers, method: str) -> None:
@@ -41,7 +45,8 @@ def add_command(subparsers, method: str) -> None:
     p.add_argument("--latent", default=None, help="latent grid T,H,W after patchify (tokens = T*H*W)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=["all", "full", "vmoba", "sparse", *_MASK_METHODS],
                    help="attention to count: full, vmoba, sparse (--density of a block-sparse mask), all, or a "
-                        "method whose static mask is built for --latent (radial, gna; its options below)")
+                        "method counted from its config for --latent (radial, gna, agent; paro with --plan; its "
+                        "options below)")
     p.add_argument("--blocks", default=",".join(str(b) for b in VMOBA_FLOPS_BLOCKS),
                    help="VMoBA blocks per layer kind 1D,2D,3D (default 7,40,60)")
     p.add_argument("--topk-ratio", type=float, default=VMOBA_FLOPS_TOPK_RATIO,
@@ -120,22 +125,26 @@ def _latent(text: Optional[str]) -> tuple[int, int, int]:
 
 
 def _run_method_cli(args: argparse.Namespace, spec: TransformerSpec) -> int:
-    """``sparsegen flops --method radial|gna --latent T,H,W [method options]``."""
-    if args.latent is None:
-        raise ValueError(f"--method {args.method} builds the method's mask for a token grid: give --latent T,H,W")
-    geometry = AttentionGeometry(*_latent(args.latent))
+    """``sparsegen flops --method radial|gna|agent --latent T,H,W [method options]``, or
+    ``--method paro --plan DIR [--latent T,H,W]``."""
     cfg_cls = config_class(args.method)
+    if args.latent is None and args.method != "paro":
+        raise ValueError(f"--method {args.method} builds the method's mask for a token grid: give --latent T,H,W")
+    latent = _latent(args.latent) if args.latent else None
     config = cfg_cls(**config_options(args, cfg_cls, shared=False))
+    geometry = AttentionGeometry(*(latent or config.plan.grid))
     res = method_transformer_flops(spec, config, geometry)
     full = transformer_flops(spec, geometry.num_tokens)["total"]
     row = {"tokens": geometry.num_tokens, "latent": list(geometry.grid), "full": full, args.method: res["total"],
            "density": res["density"], "self_attention": res["self_attention"],
-           "attended_self_attention": res["attended_self_attention"], "config": config.to_dict()}
+           "attended_self_attention": res["attended_self_attention"], "config": config.to_dict(),
+           **{k: res[k] for k in ("agents", "buckets") if k in res}}
     if args.json:
         print(json.dumps({"model": asdict(spec), "rows": [row]}))
         return 0
-    print(f"{spec.name}: S={row['tokens']} (latent {args.latent}), full {full / TERA:.2f} T, {args.method} "
-          f"{res['total'] / TERA:.2f} T ({full / res['total']:.2f}x fewer); mask density {res['density']:.4f}, "
+    print(f"{spec.name}: S={row['tokens']} (latent {','.join(map(str, geometry.grid))}), full {full / TERA:.2f} T, {args.method} "
+          f"{res['total'] / TERA:.2f} T ({full / res['total']:.2f}x fewer); "
+          f"{'attention FLOPs vs dense' if args.method in ('agent', 'paro') else 'mask density'} {res['density']:.4f}, "
           f"self-attention {res['self_attention'] / TERA:.2f} T computed, "
           f"{res['attended_self_attention'] / TERA:.2f} T attended")
     return 0
