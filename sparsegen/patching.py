@@ -280,7 +280,8 @@ class SparseHandle:
         # per transformer, (last layer served, {layer: device (order, inverse)}) of the forward running.
         self._call_work: dict[tuple[int, int], torch.Tensor] = {}
         self._balanced_orders: dict[int, tuple[int, dict]] = {}
-        # (head order, device) and joint segment maps -> (permutation, inverse) on the device
+        # Host-known head assignments (-> heads per rank, device (order, inverse), stats) and
+        # joint segment maps (-> device (order, inverse)), cached.
         self._head_orders: dict = {}
         self._levels: dict[int, dict] = {}  # UNets: per transformer, token count -> (geometry, downsample, rank)
         self._levels_key: dict[int, tuple] = {}
@@ -754,19 +755,19 @@ class SparseHandle:
         work = method.head_work(geometry, make_call())
         indices, head_order = None, None  # host head indices of this rank; device (order, inverse)
         if work is not None:
-            chosen = greedy_head_assignment(work, world) if self.config.balance_heads else assignment
-            self.parallel_stats[route.layer] = {
-                "transformer": self._current_transformer, "ranks": world,
-                "imbalance_contiguous": rank_imbalance(work, assignment),
-                "imbalance": rank_imbalance(work, chosen), "heads_per_rank": chosen}
-            order = [h for hs in chosen for h in hs]
-            if order != list(range(q.shape[2])):
+            key = ("assignment", tuple(work), world, self.config.balance_heads, str(q.device))
+            if key not in self._head_orders:  # decided (and copied to the device) once per work vector
+                chosen = greedy_head_assignment(work, world) if self.config.balance_heads else assignment
+                order = [h for hs in chosen for h in hs]
+                device_order = None if order == list(range(q.shape[2])) else (
+                    torch.tensor(order, device=q.device), torch.argsort(torch.tensor(order)).to(q.device))
+                stats = {"ranks": world, "imbalance_contiguous": rank_imbalance(work, assignment),
+                         "imbalance": rank_imbalance(work, chosen), "heads_per_rank": chosen}
+                self._head_orders[key] = (chosen, device_order, stats)
+            chosen, head_order, stats = self._head_orders[key]
+            self.parallel_stats[route.layer] = {"transformer": self._current_transformer, **stats}
+            if head_order is not None:
                 indices = tuple(chosen[rank])
-                key = (tuple(order), str(q.device))
-                if key not in self._head_orders:  # copied to the device once per assignment
-                    self._head_orders[key] = (torch.tensor(order, device=q.device),
-                                              torch.argsort(torch.tensor(order)).to(q.device))
-                head_order = self._head_orders[key]
         elif method.reports_head_work and self.config.balance_heads:
             head_order = self._balanced_head_order(route.layer, world)
         permuted = head_order is not None
@@ -851,7 +852,8 @@ class SparseHandle:
         used = (heads if head_order is None else head_order[0]).view(world, -1)
         self._call_work[(self._current_transformer, layer)] = work
         self.parallel_stats[layer] = {
-            "transformer": self._current_transformer, "ranks": world, "imbalance_contiguous": rank_imbalance_tensor(work, heads.view(world, -1)),
+            "transformer": self._current_transformer, "ranks": world,
+            "imbalance_contiguous": rank_imbalance_tensor(work, heads.view(world, -1)),
             "imbalance": rank_imbalance_tensor(work, used), "heads_per_rank": used, "head_work": work}
 
     def _attend_ring(self, route: _Route, a: dict, cp, geometry: AttentionGeometry) -> torch.Tensor:
